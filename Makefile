@@ -1,0 +1,31 @@
+# Two verbs on a fresh clone: `make train` and `make test`. Each builds the venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch==2.13.0 is the CPU wheel on the course machines; on a CUDA box override it,
+# e.g. `make TORCH_SPEC='torch==2.11.*' train`.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv train test lab book clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+train: venv
+	$(PY) -m course_lib train $(ARGS)
+
+test: venv
+	$(PY) -m ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lab: venv
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) runs book/_build

@@ -20,9 +20,10 @@ venv: $(VENV)/.installed
 train: venv
 	$(PY) -m course_lib train $(ARGS)
 
+# COURSE_SMOKE=1 runs every notebook at its smoke size (about a minute each on 2 cores).
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	COURSE_SMOKE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/

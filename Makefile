@@ -28,5 +28,9 @@ test: venv
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/
 
+# The book renders the notebooks' stored outputs, offline, warnings as errors.
+book: venv
+	$(VENV)/bin/jupyter-book build book --warningiserror --nitpick --keep-going
+
 clean:
 	rm -rf $(VENV) runs book/_build

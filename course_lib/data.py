@@ -105,7 +105,9 @@ def batch_offsets(
     n_tokens: int, batch_size: int, seq_len: int, seed: int, step: int
 ) -> torch.Tensor:
     """Start positions of the global batch at ``step``: a pure function of its arguments."""
-    gen = torch.Generator().manual_seed((seed * 2**32 + step) % 2**63)  # one stream per step
+    # One stream per (seed, step). torch's CPU generator keeps only the low 32 bits of a
+    # seed, so mix both into them (an odd multiplier spreads nearby seeds far apart).
+    gen = torch.Generator().manual_seed((seed * 0x9E3779B1 + step) % 2**32)
     return torch.randint(0, n_tokens - seq_len, (batch_size,), generator=gen)
 
 

@@ -1,0 +1,199 @@
+"""Figures for chapter 0: memory and time budgets of training, predicted and measured.
+
+Like :mod:`course_lib.plots`, figures are built on :class:`matplotlib.figure.Figure`
+directly, never through pyplot: no GUI backend, no global state. Every function draws
+into ``ax`` (new axes when None) and returns the Figure, which a notebook displays
+inline. Sizes are plotted in GiB (2**30 bytes) and times in days.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from course_lib.cost_model import GIB, MemoryBreakdown, format_days
+
+_PART_COLORS = {
+    "params": "#4C72B0",
+    "grads": "#55A868",
+    "optimizer": "#C44E52",
+    "activations": "#8172B2",
+}
+_GPU_STYLES = ("--", "-.", ":")
+
+
+def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
+    if ax is None:
+        ax = Figure(figsize=figsize, layout="constrained").subplots()
+    return ax
+
+
+def _gpu_lines(ax: Axes, device_bytes: Mapping[str, int], color: str = "black") -> None:
+    for (name, nbytes), style in zip(device_bytes.items(), _GPU_STYLES * 4, strict=False):
+        ax.axhline(nbytes / GIB, color=color, linestyle=style, linewidth=1.2, label=name)
+
+
+def plot_memory_breakdown(
+    breakdowns: Mapping[str, MemoryBreakdown],
+    device_bytes: Mapping[str, int] | None = None,
+    *,
+    title: str = "Memory to train one replica with AdamW",
+    ax: Axes | None = None,
+) -> Figure:
+    """Stacked bars of params / grads / optimizer / activations (GiB), one per model.
+
+    Chapter 0's opening figure; ``device_bytes`` draws a horizontal line per GPU.
+    """
+    ax = _axes(ax, (7.5, 4.5))
+    names = list(breakdowns)
+    xs = np.arange(len(names))
+    bottom = np.zeros(len(names))
+    for part, color in _PART_COLORS.items():
+        heights = np.array([getattr(breakdowns[n], part) / GIB for n in names])
+        if not heights.any():
+            continue
+        ax.bar(xs, heights, bottom=bottom, color=color, label=part, width=0.6)
+        bottom += heights
+    for x, top in zip(xs, bottom, strict=True):
+        ax.text(x, top, f"{top:,.0f} GiB", ha="center", va="bottom", fontsize=9)
+    _gpu_lines(ax, device_bytes or {})
+    ax.set_xticks(xs, names)
+    ax.set_ylabel("memory (GiB)")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    return ax.figure
+
+
+def plot_memory_vs_params(
+    models: Sequence[tuple[str, int, int, int]],
+    device_bytes: Mapping[str, int],
+    *,
+    bytes_per_param: int = 16,
+    title: str = "Where training stops fitting on one GPU",
+    ax: Axes | None = None,
+) -> Figure:
+    """Log-log memory against parameter count, with a line per GPU (chapter 0).
+
+    ``models`` holds ``(name, n_params, state_bytes, state_plus_activation_bytes)``;
+    the ``bytes_per_param * N`` line is drawn across their range.
+    """
+    ax = _axes(ax, (7.5, 5))
+    n = np.array([m[1] for m in models], dtype=float)
+    grid = np.logspace(np.log10(n.min() / 3), np.log10(n.max() * 3), 100)
+    ax.loglog(
+        grid,
+        bytes_per_param * grid / GIB,
+        color="gray",
+        linewidth=1,
+        label=f"{bytes_per_param} bytes/param (params + grads + AdamW)",
+    )
+    states = np.array([m[2] for m in models], dtype=float) / GIB
+    with_act = np.array([m[3] for m in models], dtype=float) / GIB
+    ax.loglog(n, states, "o", color=_PART_COLORS["optimizer"], label="model states")
+    ax.loglog(
+        n,
+        with_act,
+        "^",
+        color=_PART_COLORS["activations"],
+        label="+ activations (micro-batch 1, full context)",
+    )
+    for (name, *_), x, y in zip(models, n, with_act, strict=True):
+        ax.annotate(
+            name, (x, y), textcoords="offset points", xytext=(-4, 7), fontsize=8, ha="right"
+        )
+    _gpu_lines(ax, device_bytes)
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("memory (GiB)")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(which="major", alpha=0.3)
+    return ax.figure
+
+
+def plot_activation_check(
+    seq_lens: Sequence[int],
+    measured: Mapping[str, Sequence[int]],
+    predicted: Mapping[str, Sequence[int]],
+    *,
+    title: str = "Saved activations: formula (lines) vs autograd (markers)",
+    ax: Axes | None = None,
+) -> Figure:
+    """Activation bytes against sequence length, formula as lines, measured as markers.
+
+    Chapter 0; ``measured`` and ``predicted`` map a label (e.g. an attention backend)
+    to one value per entry of ``seq_lens``.
+    """
+    ax = _axes(ax, (7, 4.5))
+    for i, label in enumerate(predicted):
+        color = f"C{i}"
+        ax.plot(
+            seq_lens,
+            np.array(predicted[label]) / 2**20,
+            "-",
+            color=color,
+            label=f"{label}: formula",
+        )
+        if label in measured:
+            ax.plot(
+                seq_lens,
+                np.array(measured[label]) / 2**20,
+                "o",
+                color=color,
+                markerfacecolor="none",
+                markersize=9,
+                label=f"{label}: measured",
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T (tokens)")
+    ax.set_ylabel("bytes saved for backward (MiB)")
+    ax.set_title(title)
+    ax.legend(fontsize=9)
+    ax.grid(which="both", alpha=0.3)
+    return ax.figure
+
+
+def plot_training_days(
+    runs: Sequence[str],
+    days: Mapping[str, Sequence[float]],
+    *,
+    title: str = "Time to train, assuming perfect scaling",
+    ax: Axes | None = None,
+) -> Figure:
+    """Grouped bars of training time in days (log scale), one group per run (chapter 0).
+
+    ``days`` maps a hardware label (e.g. "1 H100") to one time per entry of ``runs``;
+    dotted lines mark a day, a month and a year.
+    """
+    ax = _axes(ax, (8, 4.5))
+    xs = np.arange(len(runs))
+    width = 0.8 / max(1, len(days))
+    for i, (label, values) in enumerate(days.items()):
+        pos = xs + (i - (len(days) - 1) / 2) * width
+        ax.bar(pos, values, width=width, label=label, color=f"C{i}")
+        for x, v in zip(pos, values, strict=True):
+            ax.text(x, v * 1.3, format_days(v), ha="center", va="bottom", fontsize=7.5)
+    for value, name in ((1, "1 day"), (30, "1 month"), (365, "1 year")):
+        ax.axhline(value, color="black", linestyle=":", linewidth=1)
+        ax.text(
+            1.01,
+            value,
+            name,
+            va="center",
+            ha="left",
+            fontsize=8,
+            transform=ax.get_yaxis_transform(),
+        )
+    ax.set_yscale("log")
+    top = max(max(v) for v in days.values())
+    ax.set_ylim(top=top * 30)  # room for the labels above the bars
+    ax.set_xticks(xs, runs)
+    ax.set_ylabel("days (log scale)")
+    ax.set_title(title)
+    ax.legend(fontsize=9, loc="upper left")
+    ax.grid(axis="y", which="major", alpha=0.3)
+    return ax.figure

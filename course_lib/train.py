@@ -1,0 +1,421 @@
+"""The strategy-agnostic training loop: metrics, checkpoints, progress bar (chapter 0).
+
+Every chapter trains the same way: each process draws its slice of the step's global
+batch, a :class:`Strategy` runs the step, the main process logs, evaluates and saves.
+Chapter 0 runs the single-device reference :class:`SingleDevice`; later chapters plug in
+data parallel, ZeRO, pipeline and tensor parallel as subclasses and must reproduce its
+losses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from course_lib.data import ByteDataset, check_batch_shape, get_batch
+from course_lib.model import GPT, GPTConfig
+
+if TYPE_CHECKING:
+    from course_lib.launch import DistContext
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.json"
+# Fields that may change between a run and its resumption: they do not alter the maths.
+RESUMABLE_CHANGES = ("stop_at", "checkpoint_interval", "eval_interval", "eval_batches")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class TrainConfig:
+    """One training run's hyperparameters (chapter 0). Defaults: the CLI's tuned tiny run."""
+
+    steps: int = 800  # planned optimizer steps; the lr schedule spans all of them
+    batch_size: int = 32  # GLOBAL batch in sequences, split evenly across data ranks
+    seq_len: int = 64  # tokens per sequence; at most the model's block_size
+    lr: float = 3e-3  # peak learning rate, reached at the end of the warmup
+    min_lr: float = 3e-4  # learning rate at the last step, where the cosine ends
+    warmup_steps: int = 50  # steps of linear warmup, then cosine decay (none if >= steps)
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on 2-D weights only
+    beta1: float = 0.9  # AdamW decay rate of the first moment (momentum)
+    beta2: float = 0.99  # AdamW decay rate of the second moment
+    grad_clip: float = 1.0  # largest global gradient norm; 0 turns clipping off
+    eval_interval: int = 100  # evaluate after every this many steps and after the last
+    eval_batches: int = 8  # validation batches averaged per evaluation
+    seed: int = 1337  # seeds the model init, dropout and the sequence of batches
+    checkpoint_interval: int = 0  # save every this many steps; 0 = only when the run stops
+    stop_at: int | None = None  # stop (and save) after this many steps; None = run all steps
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "seq_len", "eval_interval", "eval_batches")
+        checks = [(getattr(self, k) >= 1, f"{k}={getattr(self, k)} must be >= 1") for k in positive]
+        checks += [
+            (self.lr > 0, f"lr={self.lr} must be > 0"),
+            (0 <= self.min_lr <= self.lr, f"min_lr={self.min_lr} must be in [0, lr={self.lr}]"),
+            (self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0"),
+            (self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0"),
+            (0 <= self.beta1 < 1, f"beta1={self.beta1} must be in [0, 1), e.g. 0.9"),
+            (0 <= self.beta2 < 1, f"beta2={self.beta2} must be in [0, 1), e.g. 0.99"),
+            (self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0 (0 = no clipping)"),
+            (self.checkpoint_interval >= 0,
+             f"checkpoint_interval={self.checkpoint_interval} must be >= 0 (0 = at the end)"),
+            (self.stop_at is None or 1 <= self.stop_at <= self.steps,
+             f"stop_at={self.stop_at} must be None or in [1, steps={self.steps}]"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            _require(ok, f"TrainConfig: {message}")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at ``step``: linear warmup to ``lr``, cosine decay to ``min_lr``.
+
+    Chapter 0. A pure function of the step and the PLANNED ``cfg.steps``, so a run
+    stopped early and resumed follows the same schedule as one that never stopped.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, cfg.steps - 1 - cfg.warmup_steps)
+    ratio = min(1.0, (step - cfg.warmup_steps) / decay_steps)  # 0 -> 1 over the decay
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+def build_model(model_config: GPTConfig, seed: int, device: torch.device | str) -> GPT:
+    """The GPT every process starts from (chapter 0): seeded, built on the CPU, then moved.
+
+    Building on the CPU after ``torch.manual_seed(seed)`` gives bitwise the same weights
+    on every rank and every device type.
+    """
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    return GPT(model_config).to(device)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the 2-D weights only, as nanoGPT does (chapter 0).
+
+    Biases and LayerNorm parameters are not decayed; frozen parameters are left out.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group (chapter 0)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class Strategy:
+    """How one training step runs: the plug-in point of the course (chapter 0).
+
+    A strategy owns the model and the optimizer. :func:`train` calls, on every process:
+    ``setup`` once; per step ``get_batch(rank=data_rank, world_size=data_world_size)``
+    then ``train_step(x, y, lr)``, which returns the GLOBAL batch's loss, the same on every
+    rank; ``eval_loss`` likewise without an update; ``state_dict`` before each checkpoint
+    (a collective for strategies that shard state, so every rank calls it, and it must
+    hold ``model`` and ``optimizer``); ``full_model`` at the end (the plain GPT, gathered
+    if split). Only the process with ``is_main`` writes files and shows progress.
+    """
+
+    name = "base"
+
+    def __init__(self, ctx: DistContext | None = None) -> None:
+        self.ctx = ctx  # this process's place in the launch; None for a plain single process
+        self.device = torch.device("cpu")  # where the model lives; set by setup()
+        self.model: GPT | None = None  # the model as this process holds it
+        self.optimizer: torch.optim.Optimizer | None = None  # built by setup()
+        self.train_config: TrainConfig | None = None  # set by setup()
+
+    @property
+    def data_rank(self) -> int:  # which slice of the global batch this process draws
+        return 0
+
+    @property
+    def data_world_size(self) -> int:  # into how many slices the global batch is cut
+        return 1
+
+    @property
+    def is_main(self) -> bool:  # the one process that logs and writes files
+        return self.ctx is None or self.ctx.rank == 0
+
+    def default_device(self) -> torch.device:  # used when train() is given no device
+        return torch.device(self.ctx.device if self.ctx is not None else "cpu")
+
+    def setup(self, model_config: GPTConfig, train_config: TrainConfig, device: Any) -> None:
+        raise NotImplementedError
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
+        raise NotImplementedError
+
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def full_model(self) -> GPT:
+        raise NotImplementedError
+
+
+class SingleDevice(Strategy):
+    """The reference strategy (chapter 0): the whole model and batch on one device."""
+
+    name = "single"
+
+    def __init__(self, ctx: DistContext | None = None) -> None:
+        if ctx is not None and ctx.world_size != 1:
+            raise ValueError(
+                f"strategy 'single' runs one process, got world_size={ctx.world_size}; "
+                "use a data-parallel strategy (chapter 2) for more"
+            )
+        super().__init__(ctx)
+
+    def setup(self, model_config: GPTConfig, train_config: TrainConfig, device: Any) -> None:
+        self.device = torch.device(device)
+        self.train_config = train_config
+        self.model = build_model(model_config, train_config.seed, self.device)
+        self.optimizer = make_optimizer(self.model, train_config)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
+        set_lr(self.optimizer, lr)
+        self.model.train()
+        _, loss = self.model(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.train_config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.grad_clip)
+        self.optimizer.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.model.eval()
+        _, loss = self.model(x, y)
+        return loss.item()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def full_model(self) -> GPT:
+        return self.model
+
+
+STRATEGIES: dict[str, type[Strategy]] = {"single": SingleDevice}
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (chapter 0)."""
+
+    metrics: list[dict[str, Any]]  # per step: step, loss, lr, step_time_s, tokens_per_s, val_loss
+    model: GPT  # the trained model as one plain GPT module
+    metrics_path: Path | None  # the metrics JSON, or None when train() had no out_dir
+
+    @property
+    def final_val_loss(self) -> float | None:
+        """The last validation loss (nats per token): that of the final model."""
+        vals = [m["val_loss"] for m in self.metrics if m["val_loss"] is not None]
+        return vals[-1] if vals else None
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through a temporary file in the same folder, then rename (chapter 0).
+
+    A crash mid-write leaves the old file whole: ``os.replace`` is atomic.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; make it like any other output
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every random number generator training touches, as plain data (chapter 0)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state["numpy"] = [kind, key.tolist(), pos, has_gauss, gauss]
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Inverse of :func:`rng_state`: resumed dropout masks equal the uninterrupted run's."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def validate_run(
+    model_config: GPTConfig, cfg: TrainConfig, dataset: ByteDataset, data_world_size: int = 1
+) -> None:
+    """Raise ValueError, naming the numbers and the fix, before any work or communication."""
+    _require(
+        cfg.seq_len <= model_config.block_size,
+        f"seq_len={cfg.seq_len} exceeds the model's block_size={model_config.block_size}; "
+        f"use seq_len <= {model_config.block_size} or a larger block_size",
+    )
+    check_batch_shape(len(dataset.train), cfg.batch_size, cfg.seq_len, data_world_size)
+    check_batch_shape(len(dataset.val), cfg.batch_size, cfg.seq_len, data_world_size)
+
+
+def is_eval_step(step: int, cfg: TrainConfig) -> bool:
+    """Evaluate after every ``eval_interval`` steps and after the last planned step."""
+    return (step + 1) % cfg.eval_interval == 0 or step == cfg.steps - 1
+
+
+def _batch(strategy: Strategy, data: torch.Tensor, cfg: TrainConfig, step: int) -> tuple:
+    rank, world, device = strategy.data_rank, strategy.data_world_size, strategy.device
+    return get_batch(data, cfg.batch_size, cfg.seq_len, cfg.seed, step, rank, world, device)
+
+
+def evaluate(strategy: Strategy, dataset: ByteDataset, cfg: TrainConfig) -> float:
+    """Mean validation loss over ``cfg.eval_batches`` fixed batches (chapter 0)."""
+    batches = (_batch(strategy, dataset.val, cfg, i) for i in range(cfg.eval_batches))
+    losses = [strategy.eval_loss(x, y) for x, y in batches]
+    return sum(losses) / len(losses)
+
+
+@dataclass
+class _Run:
+    """One call of :func:`train`: what the loop's helpers share."""
+
+    strategy: Strategy  # runs the steps
+    model_config: GPTConfig  # shape of the model
+    cfg: TrainConfig  # the run's hyperparameters
+    dataset: ByteDataset  # train and val token ids
+    out: Path | None  # where metrics.json and checkpoint.pt go; None = nowhere
+
+    def header(self) -> dict[str, Any]:
+        """The configs, as saved with the metrics and in the checkpoint."""
+        return {"model_config": asdict(self.model_config), "train_config": asdict(self.cfg)}
+
+
+def _load_checkpoint(run: _Run) -> tuple[int, list[dict[str, Any]]]:
+    """Restore model, optimizer and RNGs from ``run.out``; return (next step, metrics)."""
+    path = run.out / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r} to resume; start without resume")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    wanted = {**run.header()["model_config"], **run.header()["train_config"]}
+    saved = {**ckpt["model_config"], **ckpt["train_config"]}
+    diff = [k for k in wanted if k not in RESUMABLE_CHANGES and wanted[k] != saved.get(k)]
+    changes = ", ".join(f"{k}={saved.get(k)} (now {wanted[k]})" for k in diff)
+    _require(not diff, f"cannot resume: the checkpoint has {changes}; resume with the same "
+             "settings or start a new run without resume")  # fmt: skip
+    run.strategy.load_state_dict(ckpt)
+    restore_rng(ckpt["rng"], run.strategy.device)
+    return ckpt["step"], ckpt["metrics"]
+
+
+def _save_outputs(run: _Run, stop: int, metrics: list[dict[str, Any]]) -> None:
+    """After each step: a checkpoint when one is due; metrics.json after evals and at the end."""
+    done, interval = metrics[-1]["step"] + 1, run.cfg.checkpoint_interval
+    main = run.strategy.is_main
+    if done == stop or (interval > 0 and done % interval == 0):
+        ckpt = {**run.strategy.state_dict(), **run.header(), "step": done, "metrics": metrics}
+        ckpt["rng"] = rng_state(run.strategy.device)
+        if main:
+            atomic_write(run.out / CHECKPOINT_NAME, lambda f: torch.save(ckpt, f))
+    if main and (done == stop or metrics[-1]["val_loss"] is not None):
+        doc = {"strategy": run.strategy.name, **run.header(), "metrics": metrics}
+        atomic_write(run.out / METRICS_NAME, lambda f: f.write(json.dumps(doc).encode()))
+
+
+def _run_step(run: _Run, step: int) -> dict[str, Any]:
+    """One training step, timed, and an evaluation after it when one is due."""
+    cfg, start, lr = run.cfg, time.perf_counter(), lr_at(step, run.cfg)
+    loss = run.strategy.train_step(*_batch(run.strategy, run.dataset.train, cfg, step), lr)
+    dt = time.perf_counter() - start
+    tokens_per_s = cfg.batch_size * cfg.seq_len / dt
+    row = dict(step=step, loss=loss, lr=lr, step_time_s=dt, tokens_per_s=tokens_per_s)
+    row["val_loss"] = evaluate(run.strategy, run.dataset, cfg) if is_eval_step(step, cfg) else None
+    return row
+
+
+def train(
+    model_config: GPTConfig,
+    train_config: TrainConfig,
+    dataset: ByteDataset,
+    strategy: Strategy | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> TrainResult:
+    """Train ``GPT(model_config)`` on ``dataset`` with ``strategy`` (chapter 0).
+
+    Every process of a launch calls it. Row ``s`` of the metrics holds the training loss
+    of step ``s`` and, at eval steps, the validation loss after its update. With
+    ``out_dir``, writes metrics.json and checkpoint.pt there; ``resume`` continues from it.
+    """
+    strategy = strategy if strategy is not None else SingleDevice()
+    validate_run(model_config, train_config, dataset, strategy.data_world_size)
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs the out_dir that holds the checkpoint")
+    out = Path(out_dir) if out_dir is not None else None
+    run = _Run(strategy, model_config, train_config, dataset, out)
+    strategy.setup(model_config, train_config, device or strategy.default_device())
+    start, metrics = _load_checkpoint(run) if resume else (0, [])
+    stop = train_config.stop_at or train_config.steps
+    show = progress and strategy.is_main
+    bar = tqdm(range(start, stop), initial=start, total=stop, disable=not show, unit="step")
+    for step in bar:
+        row = _run_step(run, step)
+        metrics.append(row)
+        bar.set_postfix(
+            loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False
+        )
+        if out is not None:
+            _save_outputs(run, stop, metrics)
+    bar.close()
+    metrics_path = out / METRICS_NAME if out is not None else None
+    return TrainResult(metrics=metrics, model=strategy.full_model(), metrics_path=metrics_path)
+
+
+def train_worker(ctx: DistContext, strategy_name: str, **train_kwargs: Any) -> TrainResult | None:
+    """One rank of a launched run (chapter 2 on): ``train(strategy=<named strategy>, ...)``.
+
+    Lives in an importable module so that spawned ranks can unpickle it. ``train_kwargs``
+    are :func:`train`'s arguments. Returns the result on the main rank, None elsewhere.
+    """
+    strategy = STRATEGIES[strategy_name](ctx)
+    result = train(strategy=strategy, **train_kwargs)
+    return result if strategy.is_main else None

@@ -87,3 +87,23 @@ def torchrun_sum(ctx: DistContext) -> tuple[int, float]:
     x = torch.tensor([float(ctx.rank + 1)], device=ctx.device)
     dist.all_reduce(x)
     return ctx.rank, x.item()
+
+
+def fail_on_last_rank(ctx: DistContext, mode: str) -> None:
+    """The last rank fails by ``mode`` (raise, exit, abort); the others wait for it."""
+    last = ctx.world_size - 1
+    if ctx.rank == last:
+        time.sleep(0.2)
+        if mode == "raise":
+            raise RuntimeError(f"rank {last} fails on purpose")
+        if mode == "exit":
+            os._exit(3)
+        os.abort()
+    dist.recv(torch.zeros(1), src=last)
+
+
+def hang_at_any_size(ctx: DistContext) -> None:
+    """Wait for a message nobody sends (alone, a rank just sleeps: it has no peer)."""
+    if ctx.world_size == 1:
+        time.sleep(3600)
+    dist.recv(torch.zeros(1), src=(ctx.rank + 1) % ctx.world_size)

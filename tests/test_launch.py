@@ -334,3 +334,34 @@ def test_same_worker_under_torchrun(tmp_path):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert [(tmp_path / f"rank{r}.txt").read_text().strip() for r in range(2)] == ["3", "3"]
+
+
+# ---- every failure mode at every world size ------------------------------------------
+
+EXPECTED_FAILURE = {
+    "raise": ("RuntimeError: rank {last} fails on purpose", 1),
+    "exit": ("exit code 3", 3),
+    "abort": ("SIGABRT", -6),
+}
+
+
+@pytest.mark.parametrize("mode", ["raise", "exit", "abort"])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_failure_modes_at_every_world_size(world_size, mode):
+    last = world_size - 1
+    with pytest.raises(RankError) as info:
+        run_distributed(workers.fail_on_last_rank, world_size, mode, timeout_s=50)
+    words, exitcode = EXPECTED_FAILURE[mode]
+    assert (info.value.rank, info.value.exitcode) == (last, exitcode)
+    message = str(info.value)
+    assert message.startswith(f"rank {last} (of {world_size}) failed first")
+    assert words.format(last=last) in message
+
+
+@pytest.mark.parametrize("world_size", [1, 3, 4])
+def test_deadline_at_other_world_sizes(world_size):
+    with pytest.raises(DeadlineError) as info:
+        run_distributed(workers.hang_at_any_size, world_size, timeout_s=12, pg_timeout_s=60)
+    if "still starting up" not in str(info.value):  # a loaded machine may not start them
+        assert info.value.running == list(range(world_size))
+        assert all("in hang_at_any_size" in info.value.stacks[r] for r in range(world_size))

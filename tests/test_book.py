@@ -80,6 +80,7 @@ def test_navigation_links_the_intro_and_chapter_0(html):
     [
         ("intro.html", "Parallel training of language models"),
         ("notebooks/00_why_parallel.html", "Why one device is not enough"),
+        ("notebooks/01_collectives.html", "Collectives from scratch"),
     ],
 )
 def test_page_renders_in_a_headless_browser(html, tmp_path, page, title):

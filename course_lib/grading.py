@@ -1,0 +1,72 @@
+"""Graders for the exercise notebooks: run the learner's module on real ranks, compare."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from course_lib.launch import RankError, run_distributed
+
+
+def _rank_input(rank: int, numel: int, shape, dtype) -> torch.Tensor:
+    """A deterministic, rank-dependent input."""
+    gen = torch.Generator().manual_seed(1000 + rank)
+    values = torch.randint(-9, 10, (numel,), generator=gen).to(dtype)
+    return values.reshape(shape) if shape is not None else values
+
+
+def _all_reduce_worker(ctx, cwd, module_name, fn_name, numel, shape, dtype):
+    """Runs on each rank: the learner's function and torch's all_reduce on the same input."""
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    mine = _rank_input(ctx.rank, numel, shape, dtype)
+    ref = mine.clone()
+    fn(mine)
+    dist.all_reduce(ref)
+    return mine.cpu(), ref.cpu()
+
+
+def grade_all_reduce(module_name, fn_name, world_size=3, numel=10, shape=None, dtype=torch.float32):
+    """Check ``module_name.fn_name`` against torch's all_reduce (sum) on ``world_size`` ranks."""
+    try:
+        results = run_distributed(
+            _all_reduce_worker,
+            world_size,
+            os.getcwd(),
+            module_name,
+            fn_name,
+            numel,
+            shape,
+            dtype,
+            timeout_s=90,
+        )
+    except RankError as err:
+        if any("NotImplementedError" in tb for tb in err.tracebacks.values()):
+            raise NotImplementedError(
+                f"{fn_name} is not implemented yet: replace the stub in {module_name}.py"
+            ) from None
+        raise
+    for rank, (got, expected) in enumerate(results):
+        if got.shape != expected.shape or got.dtype != expected.dtype:
+            raise AssertionError(
+                f"rank {rank}: result has shape {tuple(got.shape)} / {got.dtype}, "
+                f"expected {tuple(expected.shape)} / {expected.dtype} (reduce in place)"
+            )
+        got_chunks = torch.tensor_split(got.reshape(-1), world_size)
+        exp_chunks = torch.tensor_split(expected.reshape(-1), world_size)
+        start = 0
+        for c, (g, e) in enumerate(zip(got_chunks, exp_chunks, strict=True)):
+            stop = start + e.numel()
+            if not torch.allclose(g, e):
+                raise AssertionError(
+                    f"rank {rank}, chunk {c} (elements {start}:{stop}) is wrong: "
+                    f"expected {e.tolist()}, got {g.tolist()}"
+                )
+            start = stop
+    print(f"OK: {fn_name} matches dist.all_reduce on {world_size} ranks, numel={numel}")

@@ -36,6 +36,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+# Chapter 1's alpha-beta (latency-bandwidth) communication model lives in comm_model;
+# re-exported so every cost of the course is reachable from cost_model.
+from course_lib.comm_model import (  # noqa: F401
+    alpha_beta_terms,
+    bytes_sent_per_rank,
+    fit_alpha_beta,
+    predict,
+)
 from course_lib.model import GPTConfig
 
 GIB = 2**30  # bytes in a gibibyte; all "GiB" in the course are 2**30 bytes

@@ -19,21 +19,41 @@ def _rank_input(rank: int, numel: int, shape, dtype) -> torch.Tensor:
     return values.reshape(shape) if shape is not None else values
 
 
-def _all_reduce_worker(ctx, cwd, module_name, fn_name, numel, shape, dtype):
-    """Runs on each rank: the learner's function and torch's all_reduce on the same input."""
+def _own_chunk_only(tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """All-gather input: zero every ``tensor_split`` chunk except this rank's own."""
+    for c, chunk in enumerate(torch.tensor_split(tensor.view(-1), world_size)):
+        if c != rank:
+            chunk.zero_()
+    return tensor
+
+
+def _all_reduce_worker(ctx, cwd, module_name, fn_name, numel, shape, dtype, gather=False):
+    """Runs on each rank: the learner's function and torch's all_reduce on the same input.
+
+    With ``gather``, each rank holds only its own chunk, so the all-reduce (sum) of the
+    inputs is exactly what an all-gather must produce.
+    """
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     importlib.invalidate_caches()
     fn = getattr(importlib.import_module(module_name), fn_name)
     mine = _rank_input(ctx.rank, numel, shape, dtype)
+    if gather:
+        _own_chunk_only(mine, ctx.rank, ctx.world_size)
     ref = mine.clone()
     fn(mine)
     dist.all_reduce(ref)
     return mine.cpu(), ref.cpu()
 
 
-def grade_all_reduce(module_name, fn_name, world_size=3, numel=10, shape=None, dtype=torch.float32):
-    """Check ``module_name.fn_name`` against torch's all_reduce (sum) on ``world_size`` ranks."""
+def grade_all_reduce(
+    module_name, fn_name, world_size=3, numel=10, shape=None, dtype=torch.float32, gather=False
+):
+    """Check ``module_name.fn_name`` against torch's all_reduce (sum) on ``world_size`` ranks.
+
+    Chapter 1's graded exercise. ``gather=True`` grades an in-place ring all-gather: each
+    rank starts with only its own ``tensor_split`` chunk filled.
+    """
     try:
         results = run_distributed(
             _all_reduce_worker,
@@ -44,6 +64,7 @@ def grade_all_reduce(module_name, fn_name, world_size=3, numel=10, shape=None, d
             numel,
             shape,
             dtype,
+            gather,
             timeout_s=90,
         )
     except RankError as err:
@@ -69,4 +90,5 @@ def grade_all_reduce(module_name, fn_name, world_size=3, numel=10, shape=None, d
                     f"expected {e.tolist()}, got {g.tolist()}"
                 )
             start = stop
-    print(f"OK: {fn_name} matches dist.all_reduce on {world_size} ranks, numel={numel}")
+    what = "an all-gather" if gather else "dist.all_reduce"
+    print(f"OK: {fn_name} matches {what} on {world_size} ranks, numel={numel}")

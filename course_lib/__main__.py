@@ -30,6 +30,7 @@ from course_lib.train import (
     STRATEGIES,
     TrainConfig,
     TrainResult,
+    make_strategy,
     train,
     train_worker,
     validate_run,
@@ -210,7 +211,7 @@ def _launch(args: argparse.Namespace, under_torchrun: bool, **kwargs: Any) -> An
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return train(**kwargs, strategy=STRATEGIES[args.strategy](), device=device)
+    return train(**kwargs, strategy=make_strategy(args.strategy), device=device)
 
 
 def sample_text(model: GPT, n_tokens: int, seed: int, prompt: str = SAMPLE_PROMPT) -> str:

@@ -9,6 +9,7 @@ losses.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -227,7 +228,26 @@ class SingleDevice(Strategy):
         return self.model
 
 
-STRATEGIES: dict[str, type[Strategy]] = {"single": SingleDevice}
+# Every strategy by its CLI name, as "module:factory"; a factory takes the DistContext
+# (or None) and returns a Strategy. Imported on use, so chapter 0 needs none of the others.
+STRATEGIES: dict[str, str] = {
+    "single": "course_lib.train:SingleDevice",
+    "dp": "course_lib.data_parallel:DataParallelStrategy",  # chapter 2, overlapped buckets
+    "zero1": "course_lib.zero:Zero1Strategy",  # chapter 3: optimizer state sharded
+    "zero2": "course_lib.zero:Zero2Strategy",  # chapter 3: + gradients sharded
+    "zero3": "course_lib.zero:Zero3Strategy",  # chapter 3: + parameters sharded (FSDP)
+    "ps-sync": "course_lib.parameter_server:ps_sync",  # chapter 4: synchronous server
+    "ps-async": "course_lib.parameter_server:ps_async",  # chapter 4: asynchronous server
+    "ps-ssp": "course_lib.parameter_server:ps_ssp",  # chapter 4: bounded staleness
+}
+
+
+def make_strategy(name: str, ctx: DistContext | None = None) -> Strategy:
+    """The strategy registered as ``name`` in :data:`STRATEGIES`, built for ``ctx``."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    module_name, factory = STRATEGIES[name].split(":")
+    return getattr(importlib.import_module(module_name), factory)(ctx)
 
 
 @dataclass
@@ -416,6 +436,6 @@ def train_worker(ctx: DistContext, strategy_name: str, **train_kwargs: Any) -> T
     Lives in an importable module so that spawned ranks can unpickle it. ``train_kwargs``
     are :func:`train`'s arguments. Returns the result on the main rank, None elsewhere.
     """
-    strategy = STRATEGIES[strategy_name](ctx)
+    strategy = make_strategy(strategy_name, ctx)
     result = train(strategy=strategy, **train_kwargs)
     return result if strategy.is_main else None

@@ -10,7 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
-NAME = "01_collectives.ipynb"
+NAMES = sorted(p.name for p in (ROOT / "solutions").glob("*.ipynb"))
 
 
 def _execute(src: Path, tmp_path: Path):
@@ -47,8 +47,9 @@ def test_exercises_up_to_date():
 
 
 @pytest.mark.timeout(300)
-def test_exercise_fails_only_in_grader_cells(tmp_path):
-    nb = _execute(ROOT / "exercises" / NAME, tmp_path)
+@pytest.mark.parametrize("name", NAMES)
+def test_exercise_fails_only_in_grader_cells(tmp_path, name):
+    nb = _execute(ROOT / "exercises" / name, tmp_path)
     graders = {i for i, c in enumerate(nb.cells) if "grader" in c.metadata.get("tags", [])}
     errors = _errors(nb)
     assert graders and set(errors) == graders
@@ -56,6 +57,7 @@ def test_exercise_fails_only_in_grader_cells(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_solution_runs_clean(tmp_path):
-    nb = _execute(ROOT / "solutions" / NAME, tmp_path)
+@pytest.mark.parametrize("name", NAMES)
+def test_solution_runs_clean(tmp_path, name):
+    nb = _execute(ROOT / "solutions" / name, tmp_path)
     assert _errors(nb) == {}

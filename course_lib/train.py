@@ -107,16 +107,21 @@ def build_model(model_config: GPTConfig, seed: int, device: torch.device | str) 
     return GPT(model_config).to(device)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on the 2-D weights only, as nanoGPT does (chapter 0).
+def optimizer_groups(params: list[torch.nn.Parameter], cfg: TrainConfig) -> list[dict]:
+    """AdamW's two parameter groups (chapter 0): decay the 2-D weights, not the rest.
 
     Biases and LayerNorm parameters are not decayed; frozen parameters are left out.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
+    params = [p for p in params if p.requires_grad]
+    return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the 2-D weights only, as nanoGPT does (chapter 0)."""
+    groups = optimizer_groups(list(model.parameters()), cfg)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 

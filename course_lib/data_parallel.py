@@ -23,6 +23,7 @@ In every mode, call :meth:`DataParallel.finish_gradient_synchronization` after
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -160,6 +161,9 @@ class DataParallel(nn.Module):
         self._next_bucket = 0  # buckets start in index order on every rank
         self.bytes_all_reduced = 0  # payload handed to all-reduce since the last reset
         self.all_reduce_calls = 0
+        # With a list here, each bucket's all-reduce appends its launch and completion time
+        # (time.perf_counter): chapter 2's overlap timeline.
+        self.timeline: list[dict[str, Any]] | None = None
         if mode == "overlapped":
             for p in trainable:
                 p.register_post_accumulate_grad_hook(self._grad_ready)
@@ -203,7 +207,20 @@ class DataParallel(nn.Module):
             if len(bucket.ready) < len(bucket.params):
                 return
             bucket.work = self._all_reduce(bucket.buffer, async_op=True)
+            if self.timeline is not None and bucket.work is not None:
+                self._record(self._next_bucket, bucket)
             self._next_bucket += 1
+
+    def _record(self, index: int, bucket: Bucket) -> None:
+        """Append (bucket, bytes, launch time, done time) to the timeline when it completes."""
+        start = time.perf_counter()
+        row = {"bucket": index, "bytes": bucket.nbytes, "start": start, "end": None}
+        self.timeline.append(row)
+
+        def done(fut: torch.futures.Future) -> None:
+            row["end"] = time.perf_counter()
+
+        bucket.work.get_future().then(done)
 
     def _grad_ready(self, p: nn.Parameter) -> None:
         """Overlapped mode's hook: runs inside backward once ``p.grad`` is complete."""

@@ -179,6 +179,10 @@ def _check_launch(args: argparse.Namespace, error: Callable[[str], NoReturn]) ->
     elif args.strategy == "single" and args.world_size != 1:
         error(f"--world-size {args.world_size} needs a strategy that runs several processes; "
               "'single' runs one. Data-parallel strategies come in chapter 2.")  # fmt: skip
+    world = int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun else args.world_size
+    if args.strategy.startswith("ps-") and world < 2:  # chapter 4: one server + workers
+        error(f"--strategy {args.strategy} needs a server and at least one worker, but the "
+              f"world size is {world}; use --world-size 3 (1 server, 2 workers)")  # fmt: skip
     return under_torchrun
 
 

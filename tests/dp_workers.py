@@ -231,3 +231,14 @@ def run_case(ctx: DistContext, case: Case) -> dict:
 def run_cases(ctx: DistContext, cases: list[Case]) -> list[dict]:
     torch.set_num_threads(1)
     return [run_case(ctx, case) for case in cases]
+
+
+def wrap_mismatched(ctx: DistContext, what: str) -> None:
+    """Rank 2 builds another model: one more layer ("count") or a wider one ("shape")."""
+    if ctx.rank != 2:
+        module = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    elif what == "count":
+        module = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 2))
+    else:
+        module = nn.Sequential(nn.Linear(3, 4), nn.Linear(5, 2))
+    DataParallel(module)

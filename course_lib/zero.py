@@ -405,7 +405,9 @@ class FullyShardedDataParallel(nn.Module):
         broadcast_module(module, 0, group)
         self.module, self.group, self.counter = module, group, counter
         self.world_size, rank = dist.get_world_size(group), dist.get_rank(group)
-        self.names = {id(p): name for name, p in module.named_parameters() if p.requires_grad}
+        self.names: dict[int, list[str]] = {}  # parameter id -> every name it has (tied: 2)
+        for name, p in module.named_parameters(remove_duplicate=False):
+            self.names.setdefault(id(p), []).append(name)
         dtype = compute_dtype or torch.float32
         units = unit_modules if unit_modules is not None else _default_units(module)
         owner = _owning_unit(module, units)
@@ -483,7 +485,8 @@ class FullyShardedDataParallel(nn.Module):
                 st.layout.shard(flat).copy_(st.shard)
                 C.ring_all_gather(flat, self.group)
                 for p, v in zip(unit.groups[k], st.layout.views(flat), strict=True):
-                    out[self.names[id(p)]] = v.clone()
+                    whole = v.clone()
+                    out.update({name: whole for name in self.names[id(p)]})
         return out
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -498,7 +501,7 @@ class FullyShardedDataParallel(nn.Module):
         """Chapter 3: each rank copies its piece out of a full state dict (no communication)."""
         for unit in self.all_units():
             for k, st in unit.sharded.items():
-                tensors = [state[self.names[id(p)]] for p in unit.groups[k]]
+                tensors = [state[self.names[id(p)][0]] for p in unit.groups[k]]
                 flat = st.layout.flatten(tensors, st.shard)
                 st.shard.copy_(st.layout.shard(flat))
         for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]:

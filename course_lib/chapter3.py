@@ -1,0 +1,293 @@
+"""Chapter 3: worker functions and figures for the ZeRO notebook.
+
+The notebook ``notebooks/03_zero.ipynb`` runs :func:`zero_worker` through
+:func:`course_lib.launch.run_distributed` (spawned ranks need importable top-level
+functions) and draws the figures below from what the workers return.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from course_lib import collectives as C
+from course_lib.data import get_batch, load_text, make_dataset
+from course_lib.data_parallel import DataParallel
+from course_lib.launch import DistContext
+from course_lib.model import GPTConfig
+from course_lib.train import TrainConfig, build_model, optimizer_groups
+from course_lib.zero import (
+    FullyShardedDataParallel,
+    ZeroRedundancyOptimizer,
+    held_bytes,
+    state_bytes,
+    zero_memory_formula,
+)
+
+if TYPE_CHECKING:  # the spawned ranks never import matplotlib
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+STAGES = ("dp", "zero1", "zero2", "zero3")  # plain data parallelism, then ZeRO stages 1-3
+STAGE_NUMBER = {"dp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
+KINDS = ("params", "grads", "optimizer")
+COLORS = {"params": "#4C72B0", "grads": "#DD8452", "optimizer": "#55A868"}
+
+
+# ---------------------------------------------------------------------------------------
+# One stage on one rank: train beside the single-device reference, measure, count bytes
+# ---------------------------------------------------------------------------------------
+
+
+def _wrap(stage: str, model: torch.nn.Module, cfg: TrainConfig, counter: C.CommCounter):
+    """(module to call, optimizer, ZeRO object or None) for ``stage``; AdamW everywhere."""
+    adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if stage == "dp":  # chapter 2's bucketed data parallelism on chapter 1's ring
+        wrapped = DataParallel(model, mode="bucketed", ring=True, counter=counter)
+        opt = torch.optim.AdamW(optimizer_groups(list(model.parameters()), cfg), **adamw)
+        return wrapped, opt, None
+    if stage in ("zero1", "zero2"):
+        groups = optimizer_groups(list(model.parameters()), cfg)
+        zero = ZeroRedundancyOptimizer(
+            groups, torch.optim.AdamW, stage=STAGE_NUMBER[stage], counter=counter, **adamw
+        )
+        return model, zero, zero
+    fsdp = FullyShardedDataParallel(model, group_of=lambda p: int(p.dim() >= 2), counter=counter)
+    shards = fsdp.shard_parameters()
+    groups = [
+        {"params": [s for k, s in shards if k == 1], "weight_decay": cfg.weight_decay},
+        {"params": [s for k, s in shards if k == 0], "weight_decay": 0.0},
+    ]
+    return fsdp, torch.optim.AdamW(groups, **adamw), fsdp
+
+
+def _memory(stage: str, model: torch.nn.Module, opt: Any) -> dict[str, int]:
+    """Bytes this rank holds now for parameters, gradients and optimizer state."""
+    if stage == "dp":
+        params = list(model.parameters())
+        return {
+            "params": held_bytes(params),
+            "grads": held_bytes(p.grad for p in params),
+            "optimizer": state_bytes(opt),
+        }
+    if stage == "zero3":
+        return model.memory_bytes(opt)
+    return opt.memory_bytes()
+
+
+def _full_parameters(stage: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter, whole, by name (a collective for ZeRO-3)."""
+    if stage == "zero3":
+        return model.full_parameters()
+    module = model.module if stage == "dp" else model
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def _sync(stage: str, model: torch.nn.Module, opt: Any) -> None:
+    """After backward: every rank's gradients combined as the stage does it."""
+    if stage == "dp":
+        model.finish_gradient_synchronization()
+    elif stage == "zero3":
+        model.finish_gradient_synchronization()
+    else:
+        opt.reduce_gradients()
+
+
+def _same_on_every_rank(params: dict[str, torch.Tensor]) -> bool:
+    """True when every rank holds bitwise the same parameters."""
+    flat = torch.cat([t.reshape(-1) for t in params.values()])  # (Psi,)
+    copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(copies, flat)
+    return all(torch.equal(c, copies[0]) for c in copies)
+
+
+def _unit_sizes(stage: str, model: Any, opt: Any) -> list[tuple[str, int]]:
+    """(unit kind, padded elements) of each flat buffer: what the collectives move."""
+    if stage == "zero3":
+        units = [("block", u) for u in model.units]
+        units += [("root", model.root)] if model.root is not None else []
+        return [(kind, st.layout.padded) for kind, u in units for st in u.sharded.values()]
+    if stage in ("zero1", "zero2"):
+        return [("flat", fg.layout.padded) for fg in opt.flat_groups]
+    return [("bucket", sum(p.numel() for p in b.params)) for b in model.buckets]
+
+
+def run_stage(
+    ctx: DistContext, stage: str, model_config: GPTConfig, cfg: TrainConfig, data: torch.Tensor
+) -> dict[str, Any]:
+    """Chapter 3: ``cfg.steps`` AdamW steps of ``stage`` beside the single-device reference.
+
+    Returns the largest difference from the reference after each step, whether all ranks
+    hold identical parameters, this rank's memory at several moments of the last step,
+    the bytes it sent in the last step, and the sizes of the flat buffers.
+    """
+    counter = C.CommCounter()
+    model = build_model(model_config, cfg.seed, "cpu")
+    ref = build_model(model_config, cfg.seed, "cpu")
+    adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    ref_opt = torch.optim.AdamW(optimizer_groups(list(ref.parameters()), cfg), **adamw)
+    wrapped, opt, _ = _wrap(stage, model, cfg, counter)
+    memory: dict[str, dict[str, int]] = {}
+    if stage == "zero3":  # inside the last block's forward: its parameters are gathered
+
+        def record(module: torch.nn.Module, args: Any) -> None:
+            memory["in forward"] = _memory(stage, wrapped, opt)
+
+        model.blocks[-1].register_forward_pre_hook(record)
+    max_diff = []
+    for step in range(cfg.steps):
+        memory.clear()  # keep the last step's
+        rank, n = ctx.rank, ctx.world_size
+        x, y = get_batch(data, cfg.batch_size, cfg.seq_len, cfg.seed, step, rank, n)  # (B/N, T)
+        counter.reset()
+        _, loss = wrapped(x, y)
+        loss.backward()
+        memory["after backward"] = _memory(stage, wrapped, opt)
+        _sync(stage, wrapped, opt)
+        memory["after grad sync"] = _memory(stage, wrapped, opt)
+        opt.step()
+        memory["after step"] = _memory(stage, wrapped, opt)
+        opt.zero_grad() if stage != "zero3" else wrapped.zero_grad()
+        sent = counter.bytes_sent
+        xr, yr = get_batch(data, cfg.batch_size, cfg.seq_len, cfg.seed, step)  # global batch
+        ref_opt.zero_grad()
+        ref(xr, yr)[1].backward()
+        ref_opt.step()
+        ours = _full_parameters(stage, wrapped)
+        diff = max((ours[n] - p.detach()).abs().max().item() for n, p in ref.named_parameters())
+        max_diff.append(diff)
+    return {
+        "max_diff": max_diff,
+        "identical_across_ranks": _same_on_every_rank(ours),
+        "memory": memory,
+        "bytes_sent": sent,
+        "bytes_by_op": dict(counter.bytes_sent_by_op),
+        "psi": sum(p.numel() for p in ref.parameters()),
+        "units": _unit_sizes(stage, wrapped, opt),
+    }
+
+
+def zero_worker(
+    ctx: DistContext, model_config: GPTConfig, steps: int, batch_size: int, seq_len: int
+) -> dict[str, dict[str, Any]]:
+    """Chapter 3: :func:`run_stage` for plain DP and ZeRO-1, 2, 3, one after the other."""
+    torch.set_num_threads(1)
+    cfg = TrainConfig(
+        steps=steps, batch_size=batch_size, seq_len=seq_len, lr=1e-3, warmup_steps=0, grad_clip=0
+    )
+    data = make_dataset(load_text()).train
+    return {stage: run_stage(ctx, stage, model_config, cfg, data) for stage in STAGES}
+
+
+# ---------------------------------------------------------------------------------------
+# Predictions: bytes held and bytes sent per rank
+# ---------------------------------------------------------------------------------------
+
+
+def predicted_memory(psi: int, world_size: int, stage: str) -> dict[str, float]:
+    """Chapter 3: the fp32 + AdamW formula (4 + 4 + 8 bytes per parameter, cut by N)."""
+    return zero_memory_formula(psi, world_size, STAGE_NUMBER[stage])
+
+
+def predicted_bytes_sent(units: list[tuple[str, int]], world_size: int, stage: str) -> float:
+    """Chapter 3: bytes one rank sends per step, from the flat buffers' padded sizes (fp32).
+
+    DP all-reduces (2 (N-1)/N), ZeRO-1/2 reduce-scatter + all-gather (2 (N-1)/N); ZeRO-3
+    all-gathers every block in forward AND backward and reduce-scatters it (3 (N-1)/N),
+    but its root (embeddings, final LayerNorm) stays gathered from forward to the end of
+    backward: gathered once, so 2 (N-1)/N for the root.
+    """
+    n = world_size
+    passes = {"bucket": 2, "flat": 2, "block": 3, "root": 2}
+    return sum(passes[kind] * (n - 1) / n * 4 * numel for kind, numel in units)
+
+
+# ---------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------
+
+
+def plot_who_holds_what(world_size: int = 4) -> Figure:
+    """Chapter 3: the ZeRO paper's picture: per rank, which parts of each state it keeps.
+
+    Each row is a rank; the three bands are parameters (4 bytes/param), gradients (4) and
+    Adam's m and v (8), each cut into N pieces. Coloured: held by that rank; grey: not.
+    """
+    import matplotlib.pyplot as plt
+
+    n = world_size
+    widths = {"params": 4, "grads": 4, "optimizer": 8}
+    fig, axes = plt.subplots(1, len(STAGES), figsize=(3.2 * len(STAGES), 0.55 * n + 1.2))
+    for ax, stage in zip(axes, STAGES, strict=True):
+        s = STAGE_NUMBER[stage]
+        sharded = {"params": s >= 3, "grads": s >= 2, "optimizer": s >= 1}
+        for r in range(n):
+            x0 = 0.0
+            for kind in KINDS:
+                w = widths[kind] / n
+                for piece in range(n):
+                    held = not sharded[kind] or piece == r
+                    color = COLORS[kind] if held else "#EEEEEE"
+                    ax.add_patch(plt.Rectangle((x0 + piece * w, r), w, 0.8, color=color, ec="w"))
+                x0 += widths[kind] + 0.4
+        held = sum(widths[k] / (n if sharded[k] else 1) for k in KINDS)
+        ax.set_title(f"{stage}: {held:g} bytes/param per rank", fontsize=9)
+        ax.set_xlim(0, x0)
+        ax.set_ylim(n, -0.2)
+        ax.set_yticks(np.arange(n) + 0.4, [f"rank {r}" for r in range(n)], fontsize=8)
+        ax.set_xticks([2, 6.4, 12.8], ["params", "grads", "Adam m, v"], fontsize=8)
+    fig.suptitle(f"Who holds what, N = {n} (fp32 + AdamW: 4 + 4 + 8 bytes per parameter)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_measured_memory(results: dict[int, list[dict]], moment: str = "after step") -> Figure:
+    """Chapter 3: rank 0's measured bytes (stacked bars) and the formula (black frames).
+
+    ``results`` maps world size to :func:`zero_worker`'s per-rank results.
+    """
+    import matplotlib.pyplot as plt
+
+    worlds = sorted(results)
+    fig, axes = plt.subplots(1, len(STAGES), figsize=(3.2 * len(STAGES), 3.6), sharey=True)
+    for ax, stage in zip(axes, STAGES, strict=True):
+        for i, n in enumerate(worlds):
+            r0 = results[n][0][stage]
+            bottom, total = 0.0, 0.0
+            for kind in KINDS:
+                mib = r0["memory"][moment][kind] / 2**20
+                ax.bar(i, mib, bottom=bottom, color=COLORS[kind], label=kind if i == 0 else None)
+                bottom += mib
+            total = sum(predicted_memory(r0["psi"], n, stage).values()) / 2**20
+            ax.bar(i, total, fill=False, ec="black", lw=1.5, label="formula" if i == 0 else None)
+        ax.set_xticks(range(len(worlds)), [f"N={n}" for n in worlds])
+        ax.set_title(stage)
+    axes[0].set_ylabel(f"MiB held by rank 0 ({moment})")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Measured bytes per rank (bars) vs the formula (frames), tiny GPT, fp32 AdamW")
+    fig.tight_layout()
+    return fig
+
+
+def plot_bytes_sent(results: dict[int, list[dict]], ax: Axes | None = None) -> Figure:
+    """Chapter 3: bytes sent per rank per step / 4 Psi, measured (dots) vs formula (lines)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.8))
+    worlds = sorted(results)
+    for i, stage in enumerate(STAGES):
+        psi = results[worlds[0]][0][stage]["psi"]
+        sent = [max(r[stage]["bytes_sent"] for r in results[n]) / (4 * psi) for n in worlds]
+        ax.plot(worlds, sent, "o", color=f"C{i}", label=f"{stage} (measured)", ms=8 - 1.5 * i)
+    nn = np.linspace(1, max(worlds), 50)
+    ax.plot(nn, 2 * (nn - 1) / nn, "k--", lw=1, label="2(N-1)/N")
+    ax.plot(nn, 3 * (nn - 1) / nn, "k:", lw=1, label="3(N-1)/N")
+    ax.set_xlabel("ranks N")
+    ax.set_ylabel("bytes sent per rank per step / (4 Psi)")
+    ax.set_title("The communication price of each stage")
+    ax.legend(fontsize=8)
+    return ax.figure

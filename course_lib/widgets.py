@@ -1,0 +1,121 @@
+"""Interactive explorers for the notebooks (ipywidgets), each with a static twin figure.
+
+Chapter 3: :func:`zero_memory_explorer` picks a model size, a number of ranks, a ZeRO
+stage, a precision and a GPU, and shows the bytes each rank holds for parameters,
+gradients and optimizer state, and whether they fit. The book has no kernel, so
+:func:`plot_zero_memory` draws the same numbers as a static figure.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from course_lib.cost_model import GPU_MEMORY, PRECISIONS
+from course_lib.zero import zero_memory_formula
+
+if TYPE_CHECKING:
+    import ipywidgets
+    from matplotlib.figure import Figure
+
+STAGE_NAMES = {0: "DP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}
+KINDS = ("params", "grads", "optimizer")
+COLORS = {"params": "#4C72B0", "grads": "#DD8452", "optimizer": "#55A868"}
+
+
+def zero_bytes_per_rank(
+    n_params: float, world_size: int, stage: int, precision: str = "mixed"
+) -> dict[str, float]:
+    """Chapter 3: bytes per rank of parameters, gradients and optimizer state.
+
+    ``precision`` is a key of ``cost_model.PRECISIONS``: ``"fp32"`` is 4 + 4 + 8 bytes per
+    parameter (this course's runs), ``"mixed"`` the ZeRO paper's 2 + 2 + K with K = 12
+    (fp32 master weights + Adam's m and v). Stage 0 is plain data parallelism; stage s
+    divides the first s of (optimizer, grads, params) by N, as in
+    :func:`course_lib.zero.zero_memory_formula`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if stage not in STAGE_NAMES:
+        raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    b = PRECISIONS[precision]
+    fp32 = zero_memory_formula(1, world_size, stage, k=b.optimizer + b.master)  # per param
+    return {
+        "params": n_params * fp32["params"] * b.param / 4,
+        "grads": n_params * fp32["grads"] * b.grad / 4,
+        "optimizer": n_params * fp32["optimizer"],
+    }
+
+
+def plot_zero_memory(
+    n_params: float,
+    world_sizes: tuple[int, ...] = (1, 8, 64),
+    precision: str = "mixed",
+    device_bytes: int = GPU_MEMORY["H100 (80 GB)"],
+    title: str | None = None,
+) -> Figure:
+    """Chapter 3: stacked bytes per rank for each stage and world size, with the GPU line."""
+    import matplotlib.pyplot as plt
+
+    gib = 2**30
+    width = 3.3 * len(world_sizes)
+    fig, axes = plt.subplots(1, len(world_sizes), figsize=(width, 3.6), sharey=True)
+    axes = [axes] if len(world_sizes) == 1 else list(axes)
+    for ax, n in zip(axes, world_sizes, strict=True):
+        for stage, name in STAGE_NAMES.items():
+            parts = zero_bytes_per_rank(n_params, n, stage, precision)
+            bottom = 0.0
+            for kind in KINDS:
+                label = kind if (stage == 0 and ax is axes[-1]) else None
+                ax.bar(name, parts[kind] / gib, bottom=bottom, color=COLORS[kind], label=label)
+                bottom += parts[kind] / gib
+            verdict = "fits" if bottom * gib <= device_bytes else "too big"
+            ax.text(stage, bottom, f"{bottom:.0f}\n{verdict}", ha="center", va="bottom", fontsize=7)
+        ax.axhline(device_bytes / gib, color="red", ls="--", lw=1)
+        ax.set_title(f"N = {n}", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    axes[0].set_ylabel("GiB per rank (model states)")
+    axes[-1].legend(fontsize=7, loc="center right")
+    pretty = f"{n_params / 1e9:g}B parameters, {precision}"
+    fig.suptitle(title or f"{pretty}: bytes per rank (red: {device_bytes / gib:.0f} GiB GPU)")
+    fig.tight_layout()
+    return fig
+
+
+def zero_memory_explorer(n_params: float = 7e9) -> ipywidgets.VBox:
+    """Chapter 3: sliders for model size x world size x stage -> bytes per rank, and fits?"""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    size = w.FloatLogSlider(value=n_params, base=10, min=8, max=12, step=0.05,
+                            description="params", readout_format=".3g")  # fmt: skip
+    world = w.SelectionSlider(options=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024], value=8,
+                              description="ranks N")  # fmt: skip
+    stage = w.ToggleButtons(options=[(v, k) for k, v in STAGE_NAMES.items()], value=3)
+    precision = w.ToggleButtons(options=sorted(PRECISIONS), value="mixed")
+    gpu = w.Dropdown(options=list(GPU_MEMORY.items()), value=GPU_MEMORY["H100 (80 GB)"],
+                     description="GPU")  # fmt: skip
+    text, plot = w.HTML(), w.Output()
+
+    def update(*_: object) -> None:
+        parts = zero_bytes_per_rank(size.value, world.value, stage.value, precision.value)
+        total = sum(parts.values())
+        fits = "fits" if total <= gpu.value else "does NOT fit"
+        detail = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in parts.items())
+        text.value = (
+            f"<b>{total / 2**30:.1f} GiB per rank</b> ({detail} GiB): {fits} in "
+            f"{gpu.value / 2**30:.0f} GiB, before activations"
+        )
+        plot.clear_output(wait=True)
+        with plot:
+            ns = tuple(sorted({1, world.value}))
+            fig = plot_zero_memory(size.value, ns, precision.value, gpu.value)
+            display(fig)
+            plt.close(fig)
+
+    for control in (size, world, stage, precision, gpu):
+        control.observe(update, names="value")
+    update()
+    return w.VBox([size, world, stage, precision, gpu, text, plot])

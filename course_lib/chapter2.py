@@ -1,0 +1,251 @@
+"""Chapter 2: worker functions and figures for the data-parallel notebook.
+
+The notebook ``notebooks/02_data_parallel.ipynb`` runs these through
+:func:`course_lib.launch.run_distributed`, which needs importable top-level functions.
+Every worker builds the course's reference GPT from a seed, draws its slice of the global
+batch with :func:`course_lib.data.get_batch` and wraps the model in
+:class:`course_lib.data_parallel.DataParallel`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Any
+
+import matplotlib.pyplot as plt
+import torch
+import torch.distributed as dist
+
+from course_lib.data import get_batch, load_text, make_dataset
+from course_lib.data_parallel import DataParallel, global_mean
+from course_lib.launch import DistContext
+from course_lib.model import GPT, GPTConfig
+from course_lib.train import build_model
+
+SEED = 1337  # model init and batches
+SEQ_LEN = 64  # tokens per sequence: the tiny model's block size
+
+
+def _train_data() -> torch.Tensor:
+    """The embedded corpus' training split, as byte ids."""
+    return make_dataset(load_text(None)).split("train")
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """All tensors as one flat fp32 vector (for cross-rank comparisons)."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def _ranks_bitwise_equal(flat: torch.Tensor) -> bool:
+    """True when every rank holds exactly the same ``flat`` tensor."""
+    everyone = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, flat)
+    return all(torch.equal(t, everyone[0]) for t in everyone)
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest absolute elementwise difference between two lists of tensors."""
+    return max(float((x - y).detach().abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def equivalence_worker(
+    ctx: DistContext, modes: list[str], steps: int, batch_size: int, bucket_cap_mb: float
+) -> dict[str, dict[str, Any]]:
+    """Chapter 2: train DataParallel and, beside it, the single-device reference; compare.
+
+    Every rank starts from a *different* random init (seed + rank): the wrap's broadcast
+    must make them all rank 0's. The reference sees the whole global batch of
+    ``batch_size`` sequences; both use AdamW(lr=1e-3). Per mode: the largest gradient
+    difference at step 0, the largest parameter difference after each step, whether the
+    ranks' parameters are bitwise equal at the end, and the last global mean loss.
+    """
+    data, cfg = _train_data(), GPTConfig()
+    out = {}
+    for mode in modes:
+        ref = build_model(cfg, SEED, "cpu")  # rank 0's init, on one device
+        module = build_model(cfg, SEED + ctx.rank, "cpu")  # a different init on every rank
+        model = DataParallel(module, mode=mode, bucket_cap_mb=bucket_cap_mb)
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+        diffs, grad_diff = [], None
+        for step in range(steps):
+            x, y = get_batch(data, batch_size, SEQ_LEN, SEED, step, ctx.rank, ctx.world_size)
+            _, loss = model(x, y)  # (b, T) slice of this rank
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            model.finish_gradient_synchronization()
+            xg, yg = get_batch(data, batch_size, SEQ_LEN, SEED, step)  # (B, T) global batch
+            _, ref_loss = ref(xg, yg)
+            ref_opt.zero_grad(set_to_none=True)
+            ref_loss.backward()
+            if step == 0:
+                grad_diff = _max_diff(
+                    [p.grad for p in module.parameters()], [p.grad for p in ref.parameters()]
+                )
+            opt.step()
+            ref_opt.step()
+            diffs.append(_max_diff(list(module.parameters()), list(ref.parameters())))
+        out[mode] = {
+            "grad_diff_step0": grad_diff,
+            "param_diff_per_step": diffs,
+            "ranks_bitwise_equal": _ranks_bitwise_equal(_flat(list(module.parameters()))),
+            "loss": global_mean(loss),
+            "ref_loss": ref_loss.item(),
+        }
+    return out
+
+
+def accumulation_worker(
+    ctx: DistContext, micro_batches: int, batch_size: int
+) -> dict[str, float | int]:
+    """Chapter 2: ``micro_batches`` backward passes, all but the last inside ``no_sync()``.
+
+    The global batch of ``batch_size`` sequences is cut over ranks, then each rank's share
+    into ``micro_batches`` micro-batches whose losses are scaled by 1/micro_batches.
+    Returns the largest difference from the single-device gradient of the whole batch and
+    the all-reduce calls and bytes the accumulated step cost.
+    """
+    data, cfg = _train_data(), GPTConfig()
+    module = build_model(cfg, SEED, "cpu")
+    model = DataParallel(module, mode="overlapped", bucket_cap_mb=1.0)
+    x, y = get_batch(data, batch_size, SEQ_LEN, SEED, 0, ctx.rank, ctx.world_size)  # (b, T)
+    model.reset_counters()
+    for k, (xm, ym) in enumerate(zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True)):
+        last = k == micro_batches - 1
+        with model.no_sync() if not last else contextlib.nullcontext():
+            _, loss = model(xm, ym)  # (b / micro_batches, T) micro-batch
+            (loss / micro_batches).backward()
+    model.finish_gradient_synchronization()
+    ref = build_model(cfg, SEED, "cpu")
+    xg, yg = get_batch(data, batch_size, SEQ_LEN, SEED, 0)  # (B, T) the whole global batch
+    _, ref_loss = ref(xg, yg)
+    ref_loss.backward()
+    grads, ref_grads = [p.grad for p in module.parameters()], [p.grad for p in ref.parameters()]
+    return {
+        "grad_diff": _max_diff(grads, ref_grads),
+        "all_reduce_calls": model.all_reduce_calls,
+        "bytes_all_reduced": model.bytes_all_reduced,
+        "n_buckets": len(model.buckets),
+    }
+
+
+def _timed_step(model: DataParallel, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """One forward, backward and gradient synchronization, timed after a barrier.
+
+    Times are seconds from the step's start: ``forward``, ``backward`` (compute, plus the
+    hooks' launches in overlapped mode), ``sync`` (``finish_gradient_synchronization``).
+    """
+    for p in model.module.parameters():
+        p.grad = None
+    model.reset_counters()
+    model.timeline = []
+    dist.barrier()
+    t0 = time.perf_counter()
+    _, loss = model(x, y)
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    model.finish_gradient_synchronization()
+    t3 = time.perf_counter()
+    timeline = [
+        {**row, "start": row["start"] - t0, "end": (row["end"] or t3) - t0}
+        for row in model.timeline
+    ]
+    return {
+        "forward": t1 - t0,
+        "backward": t2 - t1,
+        "sync": t3 - t2,
+        "step": t3 - t0,
+        "backward_span": (t1 - t0, t2 - t0),
+        "timeline": timeline,
+        "calls": model.all_reduce_calls,
+        "bytes": model.bytes_all_reduced,
+    }
+
+
+def step_timing_worker(
+    ctx: DistContext,
+    configs: list[tuple[str, float]],
+    batch_per_rank: list[int],
+    repeats: int,
+) -> dict[str, Any]:
+    """Chapter 2: time forward, backward and sync for each ``(mode, bucket_cap_mb)``.
+
+    For each config and each per-rank batch size ``b``: one warm-up step, then
+    ``repeats`` timed steps (configs interleaved repeat by repeat, so that load drift hits
+    them alike). Returns ``times[(mode, cap, b, what)] = [seconds per repeat]`` with
+    ``what`` in forward/backward/sync/step, ``info[(mode, cap)]`` (all-reduce calls and
+    bytes per step, bucket sizes) and ``timelines[(mode, cap, b)]`` (the last repeat's).
+    """
+    data, cfg = _train_data(), GPTConfig()
+    models = {}
+    for mode, cap in configs:
+        models[(mode, cap)] = DataParallel(build_model(cfg, SEED, "cpu"), mode, cap)
+    times: dict[tuple, list[float]] = {}
+    info, timelines = {}, {}
+    for b in batch_per_rank:
+        for i in range(repeats + 1):
+            global_batch = b * ctx.world_size
+            x, y = get_batch(data, global_batch, SEQ_LEN, SEED, i, ctx.rank, ctx.world_size)
+            for (mode, cap), model in models.items():
+                row = _timed_step(model, x, y)
+                if i == 0:
+                    continue  # warm-up
+                for what in ("forward", "backward", "sync", "step"):
+                    times.setdefault((mode, cap, b, what), []).append(row[what])
+                sizes = [k.nbytes for k in model.buckets]
+                info[(mode, cap)] = {"calls": row["calls"], "bytes": row["bytes"], "buckets": sizes}
+                timelines[(mode, cap, b)] = {
+                    "backward_span": row["backward_span"],
+                    "step": row["step"],
+                    "buckets": row["timeline"],
+                }
+    return {"times": times, "info": info, "timelines": timelines}
+
+
+def slowest_median(per_rank: list[dict[str, Any]]) -> dict[tuple, float]:
+    """Chapter 2: per key of ``times``, the median over repeats of the slowest rank's time."""
+    out = {}
+    for key in per_rank[0]["times"]:
+        series = zip(*(r["times"][key] for r in per_rank), strict=True)
+        out[key] = statistics.median(max(ts) for ts in series)
+    return out
+
+
+def parameter_bytes(config: GPTConfig | None = None) -> int:
+    """Chapter 2: bytes of the fp32 gradients DP all-reduces each step (tied weights once)."""
+    model = GPT(config or GPTConfig())
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def plot_overlap_timeline(timelines: dict[str, dict[str, Any]], title: str) -> plt.Figure:
+    """Chapter 2: one panel per run: backward compute (grey) vs each bucket's all-reduce.
+
+    ``timelines`` maps a label to a timeline as :func:`step_timing_worker` returns it.
+    A bucket's bar spans from its all-reduce's launch to its completion; the dashed line
+    is the end of the step (gradients averaged and in ``p.grad``).
+    """
+    n = len(timelines)
+    fig, axes = plt.subplots(n, 1, figsize=(8, 1.1 + 0.9 * n + 0.12 * n * 8), sharex=True)
+    axes = [axes] if n == 1 else list(axes)
+    for ax, (label, tl) in zip(axes, timelines.items(), strict=True):
+        start, end = tl["backward_span"]
+        rows = tl["buckets"]
+        ax.barh(-1, (end - start) * 1e3, left=start * 1e3, color="0.6", height=0.8)
+        for row in rows:
+            width = max(row["end"] - row["start"], 1e-5) * 1e3
+            ax.barh(row["bucket"], width, left=row["start"] * 1e3, color="C0", height=0.8)
+        ax.axvline(tl["step"] * 1e3, color="k", ls="--", lw=1)
+        ax.set_yticks(
+            [-1, *[r["bucket"] for r in rows]],
+            ["backward", *[f"bucket {r['bucket']}" for r in rows]],
+            fontsize=7,
+        )
+        ax.invert_yaxis()
+        ax.set_title(f"{label}: step {tl['step'] * 1e3:.1f} ms", fontsize=9)
+    axes[-1].set_xlabel("ms since the start of the step (rank 0)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

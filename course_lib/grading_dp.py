@@ -1,0 +1,271 @@
+"""Chapter 2's grader: the learner's bucketed gradient hook, on real ranks, vs one device.
+
+The learner writes two functions in a module of their own (``%%writefile my_buckets.py``),
+the two halves of :meth:`course_lib.data_parallel.DataParallel._grad_ready`:
+
+- ``grad_ready(state, p)``: runs inside backward once ``p.grad`` is complete; copies it
+  into its slot of its bucket, marks it ready, then calls ``launch_ready_buckets``;
+- ``launch_ready_buckets(state)``: starts, in index order, the asynchronous all-reduce of
+  every bucket whose gradients are all in, and stores the ``Work`` in ``bucket.work``.
+
+``state`` is a :class:`HookState`. The grader's harness (a small DataParallel) registers
+``grad_ready`` as each parameter's post-accumulate-grad hook, watches every all-reduce
+the learner starts, finishes the step like DataParallel does, and compares every
+gradient and parameter with the single-device reference, naming the one that differs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from course_lib.data_parallel import Bucket, make_buckets
+from course_lib.launch import RankError, run_distributed
+
+VOCAB, WIDTH, HIDDEN = 11, 6, 13  # odd sizes on purpose
+GLOBAL_BATCH, SEQ = 12, 5  # 12 sequences: divisible by 1, 2, 3 and 4 ranks
+RTOL, ATOL = 1.3e-6, 1e-5  # fp32 tolerances against the single-device reference
+
+
+@dataclass
+class HookState:
+    """Chapter 2: what the bucketed gradient hook reads and updates (a DataParallel's state)."""
+
+    buckets: list[Bucket]  # in launch order: bucket 0 holds the last layers' gradients
+    where: dict[int, tuple[int, int]]  # id(param) -> (bucket index, index within bucket)
+    group: dist.ProcessGroup | None = None  # the group to all-reduce over (None: world)
+    next_bucket: int = 0  # the first bucket not started yet in this step
+    names: dict[int, str] = field(default_factory=dict)  # id(param) -> name, for messages
+
+
+def make_hook_state(module: nn.Module, bucket_cap_mb: float, group=None) -> HookState:
+    """Chapter 2: buckets over ``module``'s trainable parameters in backward (reverse) order."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    buckets = make_buckets(list(reversed(trainable)), bucket_cap_mb)
+    where = {id(p): (b, i) for b, k in enumerate(buckets) for i, p in enumerate(k.params)}
+    names = {id(p): n for n, p in module.named_parameters()}
+    return HookState(buckets, where, group, 0, names)
+
+
+class ToyNet(nn.Module):
+    """Chapter 2's grading model: tied weights, a frozen layer, an unused layer, odd sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Linear(5, 3)  # never called: no gradient; its bucket starts last
+        self.embed = nn.Embedding(VOCAB, WIDTH)  # also the output head (tied)
+        self.hidden = nn.Linear(WIDTH, HIDDEN)
+        self.out = nn.Linear(HIDDEN, WIDTH)
+        self.frozen = nn.Linear(WIDTH, WIDTH).requires_grad_(False)
+        self.head_bias = nn.Parameter(torch.zeros(VOCAB))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)  # (B, T, W)
+        h = h + self.out(torch.tanh(self.hidden(h)))  # (B, T, W)
+        h = self.frozen(h)
+        logits = h @ self.embed.weight.T + self.head_bias  # (B, T, V), tied head
+        return F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
+
+
+def _batch(step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[rank * b, (rank + 1) * b)`` of step ``step``'s global batch."""
+    gen = torch.Generator().manual_seed(100 + step)
+    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)  # (B, T+1)
+    b = GLOBAL_BATCH // world_size
+    rows = tokens[rank * b : (rank + 1) * b]
+    return rows[:, :-1], rows[:, 1:]
+
+
+class _Watch:
+    """Checks each all-reduce the learner starts, then starts it (installed in the rank)."""
+
+    def __init__(self, state: HookState, real: Any) -> None:
+        self.state, self.real = state, real
+        self.by_ptr = {k.buffer.data_ptr(): b for b, k in enumerate(state.buckets)}
+        self.launched: list[int] = []
+        self.in_backward = False
+        self.during_backward = 0  # buckets started while backward ran
+
+    def __call__(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        index = self.by_ptr.get(tensor.data_ptr())
+        if index is None:
+            raise AssertionError("all_reduce got a tensor that is no bucket's buffer")
+        if index != len(self.launched):
+            raise AssertionError(
+                f"bucket {index} started before bucket {len(self.launched)}: every rank "
+                "must start its buckets in index order, or the all-reduces pair up wrongly"
+            )
+        self._check_full(index)
+        if not kwargs.get("async_op", False):
+            raise AssertionError("start the all-reduce with async_op=True, so backward goes on")
+        self.launched.append(index)
+        self.during_backward += self.in_backward
+        return self.real(tensor, *args, **kwargs)
+
+    def _check_full(self, index: int) -> None:
+        bucket = self.state.buckets[index]
+        for i, (p, start) in enumerate(zip(bucket.params, bucket.offsets, strict=True)):
+            name = self.state.names[id(p)]
+            if i not in bucket.ready:
+                raise AssertionError(
+                    f"bucket {index} started before the gradient of {name!r} was in it: "
+                    "start a bucket only when all its parameters are ready"
+                )
+            want = p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+            if not torch.equal(bucket.buffer[start : start + p.numel()], want):
+                raise AssertionError(
+                    f"bucket {index} started with a wrong slice for {name!r}: copy p.grad "
+                    "into bucket.buffer[offset : offset + p.numel()], offset = "
+                    "bucket.offsets[i]"
+                )
+
+
+def _finish(state: HookState, launch: Any, world_size: int) -> None:
+    """The harness' finish_gradient_synchronization: fill, start the rest, wait, average."""
+    with torch.no_grad():
+        for bucket in state.buckets:
+            for i, (p, start) in enumerate(zip(bucket.params, bucket.offsets, strict=True)):
+                if i not in bucket.ready:  # no gradient this step: send zeros
+                    bucket.buffer[start : start + p.numel()].zero_()
+                    bucket.ready.add(i)
+        launch(state)
+        for b, bucket in enumerate(state.buckets):
+            if bucket.work is None:
+                raise AssertionError(
+                    f"bucket {b} has no work after launch_ready_buckets with every gradient "
+                    "in: start each ready bucket and store its Work in bucket.work"
+                )
+            bucket.work.wait()
+            bucket.buffer.div_(world_size)
+            for p, start in zip(bucket.params, bucket.offsets, strict=True):
+                p.grad = bucket.buffer[start : start + p.numel()].view_as(p).clone()
+            bucket.ready.clear()
+            bucket.work = None
+        state.next_bucket = 0
+
+
+def _full_in_backward(state: HookState) -> int:
+    """How many leading buckets had every gradient in when backward returned."""
+    count = 0
+    for bucket in state.buckets:
+        if len(bucket.ready) < len(bucket.params):
+            break
+        count += 1
+    return count
+
+
+def _compare(model: nn.Module, ref: nn.Module, what: str, step: int) -> list[str]:
+    """Messages naming every parameter (or gradient) that differs from the reference."""
+    errors = []
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        got, want = (p.grad, q.grad) if what == "gradient" else (p.detach(), q.detach())
+        if what == "gradient" and not p.requires_grad:
+            if got is not None:
+                errors.append(f"step {step}: frozen {name!r} got a gradient; leave it alone")
+            continue
+        got = torch.zeros_like(p) if got is None else got
+        want = torch.zeros_like(q) if want is None else want
+        if not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
+            err = float((got - want).abs().max())
+            errors.append(f"step {step}: {what} of {name!r} differs (max abs error {err:.3g})")
+    return errors
+
+
+def _grade_worker(ctx, cwd: str, module_name: str, bucket_caps_mb: list[float], steps: int):
+    """One rank: for each cap, ``steps`` SGD steps with the learner's hook, beside the reference."""
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()
+    learner = importlib.import_module(module_name)
+    real = dist.all_reduce
+    report = []
+    for cap in bucket_caps_mb:
+        torch.manual_seed(0)
+        model = ToyNet()
+        torch.manual_seed(0)
+        ref = ToyNet()
+        state = make_hook_state(model, cap)
+        watch = _Watch(state, real)
+        dist.all_reduce = watch  # the learner calls dist.all_reduce: watch it
+        if hasattr(learner, "all_reduce"):
+            learner.all_reduce = watch
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda p, s=state: learner.grad_ready(s, p))
+        opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, ref))
+        errors: list[str] = []
+        try:
+            for step in range(steps):
+                opt.zero_grad(set_to_none=True)
+                watch.in_backward, watch.launched, watch.during_backward = True, [], 0
+                model(*_batch(step, ctx.rank, ctx.world_size)).backward()
+                watch.in_backward = False
+                full = _full_in_backward(state)
+                if watch.during_backward < full and not errors:
+                    errors.append(
+                        f"step {step}: {full} bucket(s) were full during backward but only "
+                        f"{watch.during_backward} started then: start each bucket as soon as "
+                        "it is full (that is the overlap)"
+                    )
+                _finish(state, learner.launch_ready_buckets, ctx.world_size)
+                ref_opt.zero_grad(set_to_none=True)
+                ref(*_batch(step, 0, 1)).backward()
+                errors += _compare(model, ref, "gradient", step)
+                opt.step()
+                ref_opt.step()
+                errors += _compare(model, ref, "parameter", step)
+        finally:
+            dist.all_reduce = real
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        everyone = [torch.empty_like(flat) for _ in range(ctx.world_size)]
+        dist.all_gather(everyone, flat)
+        if not all(torch.equal(t, everyone[0]) for t in everyone):
+            errors.append("the ranks' parameters are not bitwise equal after the steps")
+        report.append({"cap": cap, "buckets": len(state.buckets), "errors": errors})
+    return report
+
+
+def _learner_error(err: RankError, fn_hint: str) -> Exception:
+    """Turn a rank's traceback into the learner-facing error (its last line)."""
+    tracebacks = err.tracebacks.values()
+    if any("NotImplementedError" in tb for tb in tracebacks):
+        return NotImplementedError(f"not implemented yet: replace the stubs in {fn_hint}.py")
+    tb = err.tracebacks.get(err.rank, "")
+    lines = [ln for ln in tb.strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else str(err)
+    return AssertionError(f"rank {err.rank}: {last}")
+
+
+def grade_bucket_hook(
+    module_name: str, world_size: int = 2, bucket_caps_mb: list[float] | None = None, steps: int = 2
+) -> None:
+    """Chapter 2's graded exercise: ``module_name.grad_ready`` / ``launch_ready_buckets``.
+
+    Runs ``steps`` SGD steps of :class:`ToyNet` on ``world_size`` ranks for each bucket cap
+    (default: 100 bytes, smaller than the largest parameter, and 25 MB, one bucket) and
+    compares every gradient and parameter with the single-device reference.
+    """
+    caps = bucket_caps_mb or [100 / 2**20, 25.0]
+    try:
+        reports = run_distributed(
+            _grade_worker, world_size, os.getcwd(), module_name, caps, steps, timeout_s=90
+        )
+    except RankError as err:
+        raise _learner_error(err, module_name) from None
+    for rank, report in enumerate(reports):
+        for case in report:
+            if case["errors"]:
+                raise AssertionError(
+                    f"rank {rank}, bucket_cap_mb={case['cap']:.3g} "
+                    f"({case['buckets']} buckets): " + "; ".join(case["errors"][:3])
+                )
+    shown = ", ".join(f"{c['buckets']} bucket(s)" for c in reports[0])
+    print(f"OK: {module_name} matches the single device on {world_size} ranks ({shown})")

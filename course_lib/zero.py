@@ -145,15 +145,45 @@ def zero_memory_formula(psi: int, world_size: int, stage: int, k: int = 8) -> di
 class _FlatGroup:
     """One parameter group of :class:`ZeroRedundancyOptimizer`, re-pointed into a flat buffer."""
 
-    def __init__(self, params: list[nn.Parameter], rank: int, world_size: int) -> None:
+    def __init__(self, params: list[nn.Parameter], rank: int, world_size: int, stage: int) -> None:
         if len({p.dtype for p in params}) > 1:
             raise ValueError("a parameter group mixes dtypes; give each dtype its own group")
-        self.params = params
+        self.params, self.stage = params, stage
         self.layout = FlatLayout([p.shape for p in params], rank, world_size)
         self.flat = self.layout.flatten(list(params), params[0])  # (padded,)
         for p, view in zip(params, self.layout.views(self.flat), strict=True):
             p.data = view  # the model's parameters now live in the flat buffer
         self.shard = nn.Parameter(self.layout.shard(self.flat))  # a view: no extra copy
+        # Stage 1 keeps a whole gradient: autograd accumulates into views of one flat
+        # buffer, reduce-scattered in place. Stage 2 keeps only its reduced piece.
+        self.grad_flat = torch.zeros_like(self.flat) if stage == 1 else None  # (padded,)
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        self.shard.grad = None
+        if self.grad_flat is None:
+            for p in self.params:
+                p.grad = None
+            return
+        self.grad_flat.zero_()
+        for p, view in zip(self.params, self.layout.views(self.grad_flat), strict=True):
+            p.grad = view
+
+    def reduce(self, group, counter: C.CommCounter | None, world_size: int) -> None:
+        """Reduce-scatter; afterwards ``shard.grad`` is the mean gradient of our piece.
+
+        Stage 1 reduces its flat gradient in place (the other pieces then hold partial
+        sums: scratch); stage 2 flattens the gradients, keeps the piece, frees the rest.
+        """
+        if self.grad_flat is not None:
+            piece = C.ring_reduce_scatter(self.grad_flat, group, counter)  # (shard_numel,)
+            self.shard.grad = piece.div_(world_size)  # a view of grad_flat
+            return
+        flat = self.layout.flatten([p.grad for p in self.params], self.flat)  # (padded,)
+        piece = C.ring_reduce_scatter(flat, group, counter)  # (shard_numel,)
+        self.shard.grad = piece.div_(world_size).clone()
+        for p in self.params:
+            p.grad = None
 
 
 class ZeroRedundancyOptimizer:
@@ -191,7 +221,7 @@ class ZeroRedundancyOptimizer:
         for g in groups:
             trainable = [p for p in g["params"] if p.requires_grad]
             if trainable:
-                fg = _FlatGroup(trainable, rank, self.world_size)
+                fg = _FlatGroup(trainable, rank, self.world_size, stage)
                 self.flat_groups.append(fg)
                 inner_groups.append({**g, "params": [fg.shard]})
         self.optimizer = optimizer_class(inner_groups, **defaults)  # sees only our pieces
@@ -202,21 +232,16 @@ class ZeroRedundancyOptimizer:
         return self.optimizer.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Stage 2: every gradient to None; stage 1: the flat gradient to zeros (kept)."""
         for fg in self.flat_groups:
-            for p in [*fg.params, fg.shard]:
-                p.grad = None
+            fg.zero_grad()
         self._reduced = False
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
         """Chapter 3: reduce-scatter the local gradients; ``shard.grad`` = mean of our piece."""
         for fg in self.flat_groups:
-            flat = fg.layout.flatten([p.grad for p in fg.params], fg.flat)  # (padded,)
-            piece = C.ring_reduce_scatter(flat, self.group, self.counter)  # (shard_numel,)
-            fg.shard.grad = piece.div_(self.world_size).clone()
-            if self.stage == 2:  # keep only our piece of the gradients
-                for p in fg.params:
-                    p.grad = None
+            fg.reduce(self.group, self.counter, self.world_size)
         self._reduced = True
 
     def clip_grad_norm_(self, max_norm: float) -> float:
@@ -345,7 +370,7 @@ class _Unit:
         for st in self.sharded.values():
             grad = st.full.grad if st.full.grad is not None else torch.zeros_like(st.buffer)
             piece = C.ring_reduce_scatter(grad, group, counter)  # (shard_numel,) compute dtype
-            piece = piece.to(torch.float32).div_(world_size)
+            piece = piece.to(torch.float32, copy=True).div_(world_size)  # own memory
             st.shard.grad = piece if st.shard.grad is None else st.shard.grad.add_(piece)
             st.full.grad = None
         self.free()

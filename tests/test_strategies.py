@@ -21,14 +21,36 @@ from course_lib.model import GPTConfig
 from course_lib.train import STRATEGIES, TrainConfig, make_strategy, train, train_worker
 
 MODEL = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
-CONFIG = TrainConfig(steps=6, batch_size=12, seq_len=16, warmup_steps=2, eval_interval=3,
-                     eval_batches=2)  # fmt: skip
+CONFIG = TrainConfig(
+    steps=6, batch_size=12, seq_len=16, warmup_steps=2, eval_interval=3, eval_batches=2
+)
 DP_STRATEGIES = ["dp", "zero1", "zero2", "zero3"]
 CLI_ARGS = [
-    "train", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "16",
-    "--batch-size", "4", "--steps", "4", "--warmup-steps", "1", "--eval-interval", "2",
-    "--eval-batches", "1", "--no-progress", "--sample-tokens", "0", "--device", "cpu",
-]  # fmt: skip
+    "train",
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "4",
+    "--steps",
+    "4",
+    "--warmup-steps",
+    "1",
+    "--eval-interval",
+    "2",
+    "--eval-batches",
+    "1",
+    "--no-progress",
+    "--sample-tokens",
+    "0",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +82,17 @@ LOOP_CASES = [("dp", 2), ("dp", 3), ("zero1", 3), ("zero2", 2), ("zero3", 2), ("
 @pytest.mark.parametrize("strategy, world_size", LOOP_CASES)
 def test_strategy_reproduces_single_device_losses(dataset, single, strategy, world_size):
     ranks = run_distributed(
-        train_worker, world_size, strategy, model_config=MODEL, train_config=CONFIG,
-        dataset=dataset, progress=False, backend="gloo", timeout_s=120, threads_per_rank=1,
-    )  # fmt: skip
+        train_worker,
+        world_size,
+        strategy,
+        model_config=MODEL,
+        train_config=CONFIG,
+        dataset=dataset,
+        progress=False,
+        backend="gloo",
+        timeout_s=120,
+        threads_per_rank=1,
+    )
     result = ranks[0]
     assert all(r is None for r in ranks[1:]), "only the main rank returns the result"
     train_ours, val_ours = _losses(result.metrics)
@@ -80,10 +110,19 @@ def test_sharded_checkpoint_resumes_bitwise(dataset, tmp_path, strategy):
     launch = dict(backend="gloo", timeout_s=120, threads_per_rank=1)
     whole = run_distributed(train_worker, 2, strategy, train_config=CONFIG, **kwargs, **launch)
     stopped = TrainConfig(**{**CONFIG.__dict__, "stop_at": 3})
-    run_distributed(train_worker, 2, strategy, train_config=stopped, out_dir=tmp_path,
-                    **kwargs, **launch)  # fmt: skip
-    resumed = run_distributed(train_worker, 2, strategy, train_config=CONFIG, out_dir=tmp_path,
-                              resume=True, **kwargs, **launch)  # fmt: skip
+    run_distributed(
+        train_worker, 2, strategy, train_config=stopped, out_dir=tmp_path, **kwargs, **launch
+    )
+    resumed = run_distributed(
+        train_worker,
+        2,
+        strategy,
+        train_config=CONFIG,
+        out_dir=tmp_path,
+        resume=True,
+        **kwargs,
+        **launch,
+    )
     assert _losses(resumed[0].metrics) == _losses(whole[0].metrics)
 
 
@@ -109,3 +148,18 @@ def test_cli_zero3_runs(tmp_path):
     done = _cli(*CLI_ARGS, "--strategy", "zero3", "--world-size", "2", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "metrics.json").read_text())["strategy"] == "zero3"
+
+
+def test_benchmark_smoke_memory_equals_the_formula():
+    """The benchmark runs; the bytes each rank holds equal ZeRO's formula for every mode."""
+    from benchmarks.data_parallel import main as bench
+
+    table = bench(
+        ["--quick", "--world-sizes", "2", "--modes", "overlapped", "zero1", "zero2", "zero3"]
+    )
+    assert [r["mode"] for r in table] == ["torch_ddp", "overlapped", "zero1", "zero2", "zero3"]
+    for row in table:
+        assert row["held_mb"] == pytest.approx(row["formula_held_mb"], rel=1e-3), row["mode"]
+        assert row["step_ms"] > 0
+    zero12 = [r for r in table if r["mode"] in ("zero1", "zero2")]
+    assert all(r["sent_mb"] == pytest.approx(r["formula_sent_mb"], rel=1e-3) for r in zero12)

@@ -1,0 +1,247 @@
+"""Benchmark chapters 2-3: our DP modes and ZeRO stages against torch's DDP, side by side.
+
+On the course's reference GPT (gloo, CPU, one thread per rank, a fixed batch per rank),
+every mode trains its own copy of the model in the same run, interleaved step by step so
+a busy machine slows them alike; each step starts after a barrier and counts as the
+slowest rank's time. Printed per world size: median step time, tokens/s, the ratio to
+``torch.nn.parallel.DistributedDataParallel``; bytes per rank per step (handed to
+all-reduce, and sent as counted by chapter 1's ring where the mode uses it) against the
+formula; bytes each rank holds for parameters, gradients and optimizer state against
+ZeRO's formula.
+
+    python -m benchmarks.data_parallel                   # worlds 1, 2, 4; 30 timed steps
+    python -m benchmarks.data_parallel --quick           # smoke: worlds 1, 2; 3 steps
+    python -m benchmarks.data_parallel --json out.json   # also write every row as JSON
+
+World size 4 oversubscribes 2 cores: read its times as a shape, not a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from course_lib import collectives as C
+from course_lib.data_parallel import DataParallel
+from course_lib.launch import DistContext, run_distributed
+from course_lib.model import GPT, GPTConfig
+from course_lib.zero import (
+    FullyShardedDataParallel,
+    ZeroRedundancyOptimizer,
+    held_bytes,
+    state_bytes,
+    zero_memory_formula,
+)
+
+MODES = ["torch_ddp", "naive", "bucketed", "overlapped", "zero1", "zero2", "zero3"]
+STAGE = {"zero1": 1, "zero2": 2, "zero3": 3}  # the others are plain DP: stage 0
+BUCKET_MB = 0.5  # small enough that the tiny GPT has several buckets to overlap
+MB = 2**20
+
+
+def _optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+class Mode:
+    """One mode's model, optimizer, step and byte counts on this rank."""
+
+    def __init__(self, name: str, config: GPTConfig) -> None:
+        torch.manual_seed(0)
+        module = GPT(config)
+        self.name, self.counter = name, C.CommCounter()
+        self.psi = sum(p.numel() for p in module.parameters())
+        self.dp: DataParallel | None = None
+        if name == "torch_ddp":
+            self.model: nn.Module = nn.parallel.DistributedDataParallel(
+                module, bucket_cap_mb=BUCKET_MB
+            )
+            self.opt = _optimizer(module.parameters())
+        elif name in ("naive", "bucketed", "overlapped"):
+            self.model = self.dp = DataParallel(module, name, BUCKET_MB)
+            self.opt = _optimizer(module.parameters())
+        elif name in ("zero1", "zero2"):
+            self.model = module
+            self.opt = ZeroRedundancyOptimizer(
+                module.parameters(),
+                torch.optim.AdamW,
+                stage=STAGE[name],
+                counter=self.counter,
+                lr=1e-3,
+            )
+        else:
+            self.model = FullyShardedDataParallel(module, counter=self.counter)
+            self.opt = _optimizer([s for _, s in self.model.shard_parameters()])
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        _, loss = self.model(x, y)
+        self.opt.zero_grad()
+        loss.backward()
+        if self.name in ("naive", "bucketed", "overlapped", "zero3"):
+            self.model.finish_gradient_synchronization()
+        self.opt.step()
+
+    def payload_bytes(self) -> float:
+        """Bytes handed to collectives per step (DP: the gradient; ZeRO: what our ring sent)."""
+        if self.dp is not None:
+            return self.dp.bytes_all_reduced
+        if self.name == "torch_ddp":
+            return 4 * self.psi  # one fp32 gradient through gloo's all-reduce
+        return float("nan")
+
+    def memory(self) -> dict[str, int]:
+        if self.name in ("zero1", "zero2"):
+            return self.opt.memory_bytes()
+        if self.name == "zero3":
+            return self.model.memory_bytes(self.opt)
+        params = list(self.model.parameters())
+        return {
+            "params": held_bytes(params),
+            "grads": held_bytes(p.grad for p in params),
+            "optimizer": state_bytes(self.opt),
+        }
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    """Seconds of ``fn`` on the slowest rank, started together after a barrier."""
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item()
+
+
+def bench_worker(
+    ctx: DistContext, config: GPTConfig, batch: int, steps: int, warmup: int, modes: list[str]
+) -> dict:
+    """Each rank: per mode, step times, bytes per step and bytes held."""
+    torch.set_num_threads(1)
+    built = {name: Mode(name, config) for name in modes}
+    gen = torch.Generator().manual_seed(ctx.rank)
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    for i in range(warmup + steps):
+        data = torch.randint(0, config.vocab_size, (batch, config.block_size + 1), generator=gen)
+        x, y = data[:, :-1], data[:, 1:]  # (batch, T) per rank
+        for mode in built.values():
+            if i == warmup:  # count one step's bytes, right after warm-up
+                mode.counter.reset()
+                if mode.dp is not None:
+                    mode.dp.reset_counters()
+            seconds = _timed(lambda m=mode, x=x, y=y: m.step(x, y))
+            if i == warmup:
+                mode.sent, mode.payload = mode.counter.bytes_sent, mode.payload_bytes()
+            if i >= warmup:
+                times[mode.name].append(seconds)
+    return {
+        name: {
+            "times": times[name],
+            "sent": m.sent,
+            "payload": m.payload,
+            "psi": m.psi,
+            "memory": m.memory(),
+        }
+        for name, m in built.items()
+    }
+
+
+def bytes_formula(mode: str, psi: int, world_size: int) -> float:
+    """Bytes each rank sends per step: a ring all-reduce is 2(N-1)/N of the gradient, ZeRO-3
+    all-gathers twice (forward, backward) and reduce-scatters once: 3(N-1)/N."""
+    share = (world_size - 1) / world_size
+    return (3 if mode == "zero3" else 2) * share * 4 * psi
+
+
+def rows(world_size: int, result: dict, tokens_per_step: int) -> list[dict]:
+    ddp = statistics.median(result["torch_ddp"]["times"]) if "torch_ddp" in result else None
+    out = []
+    for name, r in result.items():
+        step = statistics.median(r["times"])
+        formula = zero_memory_formula(r["psi"], world_size, STAGE.get(name, 0))
+        out.append(
+            {
+                "world_size": world_size,
+                "mode": name,
+                "step_ms": 1e3 * step,
+                "tokens_per_s": tokens_per_step / step,
+                "vs_ddp": step / ddp if ddp else None,
+                "payload_mb": r["payload"] / MB,
+                "sent_mb": r["sent"] / MB,
+                "formula_sent_mb": bytes_formula(name, r["psi"], world_size) / MB,
+                "held_mb": sum(r["memory"].values()) / MB,
+                "formula_held_mb": sum(formula.values()) / MB,
+                "memory": r["memory"],
+            }
+        )
+    return out
+
+
+def format_table(table: list[dict]) -> str:
+    head = (
+        f"{'mode':<11}{'step ms':>9}{'tokens/s':>10}{'vs DDP':>8}{'payload MB':>11}"
+        f"{'sent MB':>9}{'formula':>9}{'held MB':>9}{'formula':>9}  params/grads/optim MB"
+    )
+    lines = [f"world size {table[0]['world_size']}", head, "-" * len(head)]
+    for r in table:
+        m = r["memory"]
+        split = "/".join(f"{m[k] / MB:.2f}" for k in ("params", "grads", "optimizer"))
+        sent = f"{r['sent_mb']:.2f}" if r["sent_mb"] else "-"
+        payload = "-" if r["payload_mb"] != r["payload_mb"] else f"{r['payload_mb']:.2f}"
+        lines.append(
+            f"{r['mode']:<11}{r['step_ms']:>9.1f}{r['tokens_per_s']:>10.0f}{r['vs_ddp']:>8.2f}"
+            f"{payload:>11}{sent:>9}{r['formula_sent_mb']:>9.2f}"
+            f"{r['held_mb']:>9.2f}{r['formula_held_mb']:>9.2f}  {split}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="worlds 1 and 2, 3 timed steps")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per mode")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--json", type=Path, default=None, help="write every row here")
+    args = parser.parse_args(argv)
+    worlds = args.world_sizes or ([1, 2] if args.quick else [1, 2, 4])
+    steps, warmup = (3, 1) if args.quick else (args.steps, 3)
+    modes = args.modes if "torch_ddp" in args.modes else ["torch_ddp", *args.modes]
+    config = GPTConfig()
+    print(
+        f"reference GPT: {sum(p.numel() for p in GPT(config).parameters()):,} parameters, "
+        f"{args.batch} x {config.block_size} tokens per rank per step, gloo, 1 thread per rank, "
+        f"{steps} timed steps (median), bucket cap {BUCKET_MB} MB"
+    )
+    table = []
+    for n in worlds:
+        result = run_distributed(
+            bench_worker,
+            n,
+            config,
+            args.batch,
+            steps,
+            warmup,
+            modes,
+            backend="gloo",
+            timeout_s=1800,
+            threads_per_rank=1,
+        )[0]
+        world_rows = rows(n, result, n * args.batch * config.block_size)
+        print(format_table(world_rows) + "\n")
+        table += world_rows
+    if args.json:
+        args.json.write_text(json.dumps(table, indent=1))
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -20,7 +20,8 @@ tag        direction            meaning
 =========  ===================  ==============================================================
 PUSH       worker -> server j   clock c (the worker's step), version and update count of the
                                 parameters it computed on, its loss; payload: shard j of g
-PARAMS     server j -> worker   the reply: version, updates, loss; payload: shard j of theta
+PARAMS     server j -> worker   the reply: version, updates, loss; payload: shard j of theta;
+                                clock -1 means STOP (free running, :meth:`~ParameterServer.run_for`)
 PULL       worker -> server j   "send me your shard now" (before evaluating, async modes)
 LOSS       worker <-> server 0  evaluation losses in, their mean back out
 SHARD      server j -> 0        the server's shard, to assemble the full model
@@ -34,7 +35,7 @@ server updates applied between its pull and its own update (Hogwild's measure).
 Plugging into :func:`course_lib.train.train`: every rank runs the loop, so every rank
 calls ``train_step`` once per step. On a worker it is one push and pull; on a server it
 serves one round of W pushes (in async modes any W, from whichever workers come first).
-There is no stop message: both sides know the number of steps. Evaluations are barriers
+No STOP is needed there: both sides know the number of steps. Evaluations are barriers
 (each worker pulls fresh parameters, then server 0 averages the losses). A failed worker
 is stopped by the launcher (which names its rank); under torchrun the process group's
 timeout bounds every wait. ``lr`` follows the loop's schedule; AdamW's settings
@@ -52,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from course_lib.collectives import CommCounter
+from course_lib.data import check_batch_shape, get_batch
 from course_lib.model import GPT, GPTConfig
 from course_lib.train import SingleDevice, Strategy, TrainConfig, build_model, lr_at
 
@@ -189,6 +191,7 @@ class ParameterServer(Strategy):
         self.seen = [(0, 0)] * config.n_servers  # worker: (version, updates) of each shard
         self.waiting: set[int] = set()  # server (SSP): workers whose reply is held back
         self.fresh = True  # does this worker hold the server's latest parameters?
+        self.stop, self.stopped = False, 0  # run_for: worker told STOP; server: workers told
 
     @property
     def data_rank(self) -> int:  # workers split the global batch; servers draw worker 0's
@@ -236,6 +239,7 @@ class ParameterServer(Strategy):
             reply, _ = self._recv(HEADER + sum(p.numel() for p in params), j, PARAMS)
             unflat_into(reply[HEADER:], params)
             self.seen[j] = (int(reply[1]), int(reply[2]))
+            self.stop = self.stop or int(reply[0]) < 0
         for req in reqs:
             req.wait()
         return reply
@@ -258,27 +262,32 @@ class ParameterServer(Strategy):
 
     # --- server side ---------------------------------------------------------------------
 
-    def _reply(self, worker: int, loss: float) -> None:
-        head = [self.clocks[worker], min(self.clocks), self.updates, loss]
+    def _reply(self, worker: int, stop: bool = False) -> None:
+        head = [-1 if stop else self.clocks[worker], min(self.clocks), self.updates, 0.0]
         self._send(message(head, self.shard), self.workers[worker], PARAMS).wait()
 
-    def _async_round(self) -> float:
-        """Serve W pushes, first come first served; SSP holds replies back (the gate)."""
-        losses = []
-        for _ in self.workers:
-            push, src = self._recv(HEADER + self.shard.numel(), None, PUSH)
-            w, c, m, u = src - len(self.servers), int(push[0]), int(push[1]), int(push[2])
+    def _serve_push(self, budget: float = float("inf")) -> float:
+        """Apply one push, first come first served; reply to whoever the gate lets go on.
+        Once ``budget`` gradients are applied, every worker is answered STOP instead."""
+        push, src = self._recv(HEADER + self.shard.numel(), None, PUSH)
+        w, c, m, u = src - len(self.servers), int(push[0]), int(push[1]), int(push[2])
+        if self.updates < budget:
             lr = lr_at(c, self.train_config)  # the lr of the step the gradient belongs to
             self.shard.add_(push[HEADER:], alpha=-lr / len(self.workers))
             self.staleness_log.append((w, c, c - m, self.updates - u))
             self.updates, self.clocks[w] = self.updates + 1, c + 1
-            losses.append(float(push[3]))
-            self.waiting.add(w)
-            for v in sorted(self.waiting):  # the SSP gate: at most `bound` steps ahead
-                if self.bound is None or self.clocks[v] - min(self.clocks) <= self.bound:
-                    self.waiting.remove(v)
-                    self._reply(v, losses[-1] if v == w else float("nan"))
-        return sum(losses) / len(losses)
+        self.waiting.add(w)
+        stop = self.updates >= budget
+        for v in sorted(self.waiting):  # the SSP gate: at most `bound` steps ahead
+            if stop or self.bound is None or self.clocks[v] - min(self.clocks) <= self.bound:
+                self.waiting.remove(v)
+                self._reply(v, stop)
+                self.stopped += stop
+        return float(push[3])
+
+    def _async_round(self) -> float:
+        """Serve W pushes (from whichever workers come first): one loop step of the server."""
+        return sum(self._serve_push() for _ in self.workers) / len(self.workers)
 
     def _sync_step(self, lr: float) -> float:
         pushes = self.server_round(self.shard, self.workers, lr)
@@ -304,7 +313,7 @@ class ParameterServer(Strategy):
     def _serve_pulls(self) -> None:
         for w in range(len(self.workers)):
             self._recv(HEADER, self.workers[w], PULL)
-            self._reply(w, float("nan"))
+            self._reply(w)
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -353,6 +362,32 @@ class ParameterServer(Strategy):
     def full_model(self) -> GPT:
         """The trained model on server 0 (main); workers return their last pulled copy."""
         return self._gather_model() if self.is_server else self.model
+
+    def run_for(self, n_grads: int, data: torch.Tensor, every: int) -> list[tuple]:
+        """Chapter 4, free running (one server, after ``setup``): workers step until the
+        server has applied ``n_grads`` gradients, a fast worker contributing more of them;
+        async modes then answer each worker STOP (clock -1), sync runs n_grads / W rounds.
+        The server returns ``(seconds, gradients applied, parameters)`` every ``every``
+        gradients; workers return []."""
+        if len(self.servers) != 1:
+            raise ValueError(f"run_for needs n_servers=1, got {len(self.servers)}")
+        cfg, n, sync = self.train_config, len(self.workers), self.config.mode == "sync"
+        check_batch_shape(len(data), cfg.batch_size, cfg.seq_len, n)  # before any message
+        if not self.is_server:
+            while not self.stop and not (sync and self.pushed * n >= n_grads):
+                x, y = get_batch(data, cfg.batch_size, cfg.seq_len, cfg.seed, self.pushed,
+                                 self.data_rank, n)  # fmt: skip
+                self._worker_step(x, y)
+            return []
+        start, snaps, grads = time.perf_counter(), [(0.0, 0, self.shard.clone())], 0
+        while (grads < n_grads) if sync else (self.stopped < n):
+            if sync:
+                self._sync_step(lr_at(self.updates, cfg))
+            else:
+                self._serve_push(budget=n_grads)
+            if (grads := self.updates * (n if sync else 1)) % every == 0 and grads > snaps[-1][1]:
+                snaps.append((time.perf_counter() - start, grads, self.shard.clone()))
+        return snaps
 
 
 def ps_sync(ctx: DistContext | None) -> ParameterServer:

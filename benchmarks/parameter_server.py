@@ -1,0 +1,130 @@
+"""Benchmark chapter 4's parameter server: sync vs async vs SSP vs all-reduce data parallel.
+
+Every mode trains the same small GPT with plain SGD for the same number of applied
+gradients (``--grads``), free running (a fast worker may contribute more of them), with
+2 workers, without and with a straggler (worker 0 made 2x slower by sleeping as long as
+it computed). All parameter-server modes run in one spawn (1 server + 2 workers), the
+all-reduce yardstick in another (2 ranks). Validation losses are computed afterwards from
+parameter snapshots, so evaluation costs no training time. Then the bytes per step through
+the server's link, against those a ring all-reduce sends per rank, as the workers grow.
+
+    python benchmarks/parameter_server.py            # full (about 2-3 minutes on 2 cores)
+    python benchmarks/parameter_server.py --smoke    # under a minute: fewer grads and modes
+
+With 2 CPU cores, 3 processes oversubscribe them: times are indicative; the ratios in one
+run are comparable because every mode shares the same machine state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from course_lib import chapter4 as ch4
+from course_lib import comm_model as M
+from course_lib.data import load_text, make_dataset
+from course_lib.launch import run_distributed
+from course_lib.model import GPTConfig
+from course_lib.parameter_server import HEADER
+from course_lib.train import TrainConfig
+
+MODEL = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32)
+LAUNCH = dict(backend="gloo", timeout_s=600, threads_per_rank=1)
+
+
+def _modes(smoke: bool) -> dict[str, dict]:
+    modes = {"sync": {}, "async": {"mode": "async"}}
+    for s in (2,) if smoke else (1, 2, 4):
+        modes[f"ssp s={s}"] = {"mode": "ssp", "staleness": s}
+    return modes
+
+
+def _rows(args, train_config, dataset) -> tuple[list[tuple], dict[str, list[int]]]:
+    """Run every mode with and without the straggler; one table row each."""
+    modes, slowdowns = _modes(args.smoke), (1.0, 2.0)
+    configs = [{**kw, "slow_worker": 0, "slowdown": f} for f in slowdowns for kw in modes.values()]
+    common = (MODEL, train_config, dataset)
+    ps = run_distributed(ch4.free_run_worker, 3, *common, configs, args.grads, args.every,
+                         **LAUNCH)[0]  # fmt: skip
+    ar = run_distributed(ch4.allreduce_worker, 2, *common, list(slowdowns), args.grads,
+                         args.every, **LAUNCH)[0]  # fmt: skip
+    names = [*modes, "all-reduce DP"]
+    runs = []
+    for i, f in enumerate(slowdowns):
+        done = [*ps[i * len(modes) : (i + 1) * len(modes)], ar[i]]
+        runs += [(n, f, r) for n, r in zip(names, done, strict=True)]
+    curves = {(n, f): ch4.val_curve(*common, r["snaps"]) for n, f, r in runs}
+    sync_final = curves["sync", 1.0][-1][2]  # default target: near sync's final loss
+    target = args.target or math.ceil(20 * (sync_final + 0.1)) / 20
+    rows, hists = [], {}
+    for n, f, r in runs:
+        row = ch4.summarize(curves[n, f], r.get("log"), r["wall_s"], args.grads)
+        rows.append((n, f, row, ch4.time_to(curves[n, f], target), r["wall_s"]))
+        if "log" in r:
+            hists[f"{n}, straggler x{f:g}"] = ch4.staleness_histogram(r["log"])
+    return rows, hists, target
+
+
+def _print_modes(rows, target: float) -> None:
+    print(f"\n## updates/s (gradients applied per second); time to val loss <= {target:.2f}")
+    print(f"{'mode':<14} {'straggler':>9} {'grads/s':>8} {'vs sync':>8} {'t->target s':>11} "
+          f"{'wall s':>7} {'final val':>9} {'max stale':>9} {'mean stale':>10}")  # fmt: skip
+    base = {f: row["grads_per_s"] for n, f, row, _, _ in rows if n == "sync"}
+    for n, f, row, t, wall in rows:
+        reach = f"{t:11.2f}" if t is not None else f"{'never':>11}"
+        print(f"{n:<14} {'x' + format(f, 'g'):>9} {row['grads_per_s']:8.1f} "
+              f"{row['grads_per_s'] / base[f]:8.2f} {reach} {wall:7.2f} {row['final_val']:9.3f} "
+              f"{row['max_stale']:9d} {row['mean_stale']:10.2f}")  # fmt: skip
+
+
+def _print_hists(hists: dict[str, list[int]]) -> None:
+    print("\n## staleness histogram (gradients with staleness 0, 1, ..., >=8 clocks)")
+    print(f"{'run':<30} " + " ".join(f"{s:>5}" for s in [*range(8), ">=8"]))
+    for name, counts in hists.items():
+        print(f"{name:<30} " + " ".join(f"{c:5d}" for c in counts))
+
+
+def _print_bytes(args, train_config, dataset) -> None:
+    print("\n## bytes per step: through the server's link vs sent per rank by a ring all-reduce")
+    print(f"{'workers':>7} {'server meas':>12} {'server pred':>12} {'ring/rank meas':>14} "
+          f"{'ring/rank pred':>14} {'server/ring':>11}")  # fmt: skip
+    for n in (1, 2) if args.smoke else (1, 2, 3, 4, 6):
+        cfg = TrainConfig(**{**train_config.__dict__, "batch_size": 4 * n})  # W divides it
+        r = run_distributed(ch4.bytes_worker, n + 1, MODEL, cfg, dataset, 2, **LAUNCH)
+        p = r[0]["n_params"]
+        server_pred = 2 * n * (p + HEADER) * 4  # W pushes in, W replies out, fp32
+        ring_pred = (
+            M.bytes_sent_per_rank("ring_all_reduce", 4 * p, n, 0, element_size=4) if n > 1 else 0
+        )
+        ring = r[1]["rank_bytes"]
+        ratio = f"{r[0]['server_bytes'] / ring:11.1f}" if ring else f"{'-':>11}"
+        print(f"{n:7d} {r[0]['server_bytes']:12,d} {server_pred:12,d} {ring:14,d} "
+              f"{ring_pred:14,d} {ratio}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny run, under a minute")
+    parser.add_argument("--grads", type=int, default=None, help="gradients applied per run")
+    parser.add_argument("--every", type=int, default=None, help="snapshot every N gradients")
+    parser.add_argument(
+        "--target", type=float, default=None, help="val loss to reach (default: sync's + 0.1)"
+    )
+    args = parser.parse_args()
+    args.grads = args.grads or (24 if args.smoke else 240)
+    args.every = args.every or (8 if args.smoke else 20)
+    train_config = TrainConfig(steps=args.grads // 2, batch_size=16, seq_len=32, lr=0.5,
+                               min_lr=0.5, warmup_steps=0, weight_decay=0.0,
+                               grad_clip=0.0, eval_batches=4)  # fmt: skip
+    dataset = make_dataset(load_text())
+    print(f"GPT {MODEL.n_layer} layers, d={MODEL.n_embd}; SGD lr {train_config.lr}; "
+          f"global batch {train_config.batch_size}x{train_config.seq_len}; "
+          f"{args.grads} gradients per run")  # fmt: skip
+    rows, hists, target = _rows(args, train_config, dataset)
+    _print_modes(rows, target)
+    _print_hists(hists)
+    _print_bytes(args, train_config, dataset)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Chapter 4: worker functions for the parameter-server notebook and benchmark.
+
+Spawned ranks import workers by name, so they live here. Each experiment runs several
+configurations in one spawn, with a barrier between them: a free-running fast worker must
+not push into the next configuration's rounds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from course_lib import collectives as C
+from course_lib.data import ByteDataset, get_batch
+from course_lib.launch import DistContext
+from course_lib.model import GPTConfig
+from course_lib.parameter_server import (
+    HEADER,
+    PARAMS,
+    PUSH,
+    ParameterServer,
+    PSConfig,
+    message,
+    sync_round,
+)
+from course_lib.train import TrainConfig, build_model, lr_at
+
+
+def worked_example_worker(ctx: DistContext, theta: list[float], data: list, lr: float) -> dict:
+    """Chapter 4: one synchronous step of a 2-parameter model ``y = w x + b`` by hand.
+
+    Rank 0 is the server holding ``theta = [w, b]``; worker ``i`` (rank i + 1) computes the
+    gradient of its mean squared error on ``data[i]`` (a list of ``(x, y)``) with autograd,
+    pushes it, and receives the server's reply from :func:`sync_round`.
+    """
+    torch.set_num_threads(1)
+    workers = list(range(1, ctx.world_size))
+    if ctx.rank == 0:
+        shard = torch.tensor(theta)
+        pushes = sync_round(shard, workers, lr)
+        return {"pushes": pushes, "theta": shard}
+    params = torch.tensor(theta, requires_grad=True)
+    xy = torch.tensor(data[ctx.rank - 1])  # (n, 2): columns x, y
+    loss = ((params[0] * xy[:, 0] + params[1] - xy[:, 1]) ** 2).mean()
+    loss.backward()
+    dist.send(message([0, 0, 0, loss.item()], params.grad), dst=0, tag=PUSH)
+    reply = torch.empty(HEADER + 2)
+    dist.recv(reply, src=0, tag=PARAMS)
+    return {"grad": params.grad, "loss": loss.item(), "theta": reply[HEADER:]}
+
+
+def free_run_worker(
+    ctx: DistContext,
+    model_config: GPTConfig,
+    train_config: TrainConfig,
+    dataset: ByteDataset,
+    configs: list[dict],
+    n_grads: int,
+    every: int,
+) -> list[dict] | None:
+    """Chapter 4: each ``PSConfig(**kw)`` of ``configs`` free running for ``n_grads``.
+
+    The server (rank 0) returns per configuration the snapshots of
+    :meth:`ParameterServer.run_for`, the staleness log and the bytes through its link.
+    """
+    torch.set_num_threads(1)
+    out = []
+    for kw in configs:
+        strategy = ParameterServer(ctx, PSConfig(**kw))
+        strategy.setup(model_config, train_config, "cpu")
+        dist.barrier()
+        start = time.perf_counter()
+        snaps = strategy.run_for(n_grads, dataset.train, every)
+        wall = time.perf_counter() - start
+        dist.barrier()
+        c = strategy.counter
+        out.append({"snaps": snaps, "log": strategy.staleness_log, "wall_s": wall,
+                    "server_bytes": c.bytes_sent + c.bytes_received})  # fmt: skip
+    return out if ctx.rank == 0 else None
+
+
+def allreduce_worker(
+    ctx: DistContext,
+    model_config: GPTConfig,
+    train_config: TrainConfig,
+    dataset: ByteDataset,
+    slowdowns: list[float],
+    n_grads: int,
+    every: int,
+) -> list[dict] | None:
+    """Chapter 4's yardstick: data-parallel SGD whose gradients meet in a ring all-reduce
+    (:func:`course_lib.collectives.ring_all_reduce`, counted); rank 0 slowed by each factor
+    of ``slowdowns`` in turn. Rank 0 returns snapshots as ``run_for`` does."""
+    torch.set_num_threads(1)
+    cfg, n, out = train_config, ctx.world_size, []
+    for slowdown in slowdowns:
+        model = build_model(model_config, cfg.seed, "cpu")
+        params = [p for p in model.parameters() if p.requires_grad]
+        counter, flat = C.CommCounter(), torch.cat([p.detach().reshape(-1) for p in params])
+        dist.barrier()
+        start, snaps = time.perf_counter(), [(0.0, 0, flat.clone())]
+        for step in range(-(-n_grads // n)):
+            t0 = time.perf_counter()
+            x, y = get_batch(
+                dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, step, ctx.rank, n
+            )
+            model.zero_grad()
+            model(x, y)[1].backward()
+            if ctx.rank == 0:
+                time.sleep((slowdown - 1) * (time.perf_counter() - t0))
+            grad = torch.cat([p.grad.reshape(-1) for p in params])  # (P,)
+            C.ring_all_reduce(grad, counter=counter)
+            with torch.no_grad():
+                flat.add_(grad / n, alpha=-lr_at(step, cfg))
+                torch.nn.utils.vector_to_parameters(flat, params)
+            if ((step + 1) * n) % every == 0:
+                snaps.append((time.perf_counter() - start, (step + 1) * n, flat.clone()))
+        wall = time.perf_counter() - start
+        dist.barrier()
+        out.append({"snaps": snaps, "wall_s": wall, "rank_bytes": counter.bytes_sent})
+    return out if ctx.rank == 0 else None
+
+
+def bytes_worker(ctx: DistContext, model_config: GPTConfig, train_config: TrainConfig,
+                 dataset: ByteDataset, steps: int) -> dict | None:  # fmt: skip
+    """Chapter 4: bytes per step through the server's link (1 server + N workers, sync)
+    and sent per rank by a ring all-reduce of the same gradient among the N workers."""
+    torch.set_num_threads(1)
+    strategy = ParameterServer(ctx, PSConfig())
+    strategy.setup(model_config, train_config, "cpu")
+    strategy.run_for(steps * len(strategy.workers), dataset.train, every=10**9)
+    workers = dist.new_group(strategy.workers)  # every rank calls new_group
+    counter = C.CommCounter()
+    if not strategy.is_server:
+        grad = torch.cat([p.grad.reshape(-1) for p in strategy.params])  # (P,)
+        C.ring_all_reduce(grad, group=workers, counter=counter)
+    dist.barrier()
+    c = strategy.counter
+    if ctx.rank == 0:
+        return {"server_bytes": (c.bytes_sent + c.bytes_received) // steps, "n_params": sum(
+            p.numel() for p in strategy.params)}  # fmt: skip
+    return {"rank_bytes": counter.bytes_sent} if ctx.rank == 1 else None
+
+
+@torch.no_grad()
+def val_curve(
+    model_config: GPTConfig, train_config: TrainConfig, dataset: ByteDataset, snaps: list
+) -> list[tuple[float, int, float]]:
+    """Chapter 4: ``(seconds, gradients applied, validation loss)`` of each snapshot."""
+    cfg = train_config
+    model = build_model(model_config, cfg.seed, "cpu").eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = [get_batch(dataset.val, cfg.batch_size, cfg.seq_len, cfg.seed, i)
+               for i in range(cfg.eval_batches)]  # fmt: skip
+    out = []
+    for seconds, grads, flat in snaps:
+        torch.nn.utils.vector_to_parameters(flat, params)
+        loss = sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+        out.append((seconds, grads, loss))
+    return out
+
+
+def staleness_histogram(log: list[tuple[int, int, int, int]], top: int = 8) -> list[int]:
+    """Chapter 4: counts of staleness 0, 1, ..., ``top`` (the last bin holds ``>= top``)."""
+    counts = [0] * (top + 1)
+    for _, _, s, _ in log:
+        counts[min(s, top)] += 1
+    return counts
+
+
+def time_to(curve: list[tuple[float, int, float]], target: float) -> float | None:
+    """Chapter 4: seconds until the validation loss first reaches ``target`` (None: never)."""
+    return next((t for t, _, v in curve if v <= target), None)
+
+
+def summarize(curve: list, log: list | None, wall_s: float, n_grads: int) -> dict[str, Any]:
+    """Chapter 4: one row of the comparison: gradients/s, final loss, staleness."""
+    stale = [s for _, _, s, _ in log] if log else [0]
+    return {"grads_per_s": n_grads / wall_s, "final_val": curve[-1][2],
+            "max_stale": max(stale), "mean_stale": sum(stale) / len(stale)}  # fmt: skip

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the spawned ranks never import matplotlib
 STAGES = ("dp", "zero1", "zero2", "zero3")  # plain data parallelism, then ZeRO stages 1-3
 STAGE_NUMBER = {"dp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 KINDS = ("params", "grads", "optimizer")
+LR = 1e-4  # AdamW learning rate of the equivalence runs (constant: no warmup, no decay)
 COLORS = {"params": "#4C72B0", "grads": "#DD8452", "optimizer": "#55A868"}
 
 
@@ -179,7 +180,13 @@ def zero_worker(
     """Chapter 3: :func:`run_stage` for plain DP and ZeRO-1, 2, 3, one after the other."""
     torch.set_num_threads(1)
     cfg = TrainConfig(
-        steps=steps, batch_size=batch_size, seq_len=seq_len, lr=1e-3, warmup_steps=0, grad_clip=0
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=LR,
+        min_lr=LR,
+        warmup_steps=0,
+        grad_clip=0,
     )
     data = make_dataset(load_text()).train
     return {stage: run_stage(ctx, stage, model_config, cfg, data) for stage in STAGES}

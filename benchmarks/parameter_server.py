@@ -8,7 +8,7 @@ all-reduce yardstick in another (2 ranks). Validation losses are computed afterw
 parameter snapshots, so evaluation costs no training time. Then the bytes per step through
 the server's link, against those a ring all-reduce sends per rank, as the workers grow.
 
-    python benchmarks/parameter_server.py            # full (about 2-3 minutes on 2 cores)
+    python benchmarks/parameter_server.py            # full (5 minutes on 2 busy cores)
     python benchmarks/parameter_server.py --smoke    # under a minute: fewer grads and modes
 
 With 2 CPU cores, 3 processes oversubscribe them: times are indicative; the ratios in one

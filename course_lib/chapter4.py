@@ -26,7 +26,7 @@ from course_lib.parameter_server import (
     message,
     sync_round,
 )
-from course_lib.train import TrainConfig, build_model, lr_at
+from course_lib.train import TrainConfig, build_model, lr_at, train
 
 
 def worked_example_worker(ctx: DistContext, theta: list[float], data: list, lr: float) -> dict:
@@ -181,3 +181,20 @@ def summarize(curve: list, log: list | None, wall_s: float, n_grads: int) -> dic
     stale = [s for _, _, s, _ in log] if log else [0]
     return {"grads_per_s": n_grads / wall_s, "final_val": curve[-1][2],
             "max_stale": max(stale), "mean_stale": sum(stale) / len(stale)}  # fmt: skip
+
+
+def train_ps_worker(ctx: DistContext, configs: list[dict], **train_kwargs: Any) -> list | None:
+    """Chapter 4: :func:`course_lib.train.train` with ``ParameterServer(ctx, PSConfig(**kw))``
+    for each ``kw`` of ``configs`` in turn.
+
+    Rank 0 (server 0) returns, per configuration, the metrics, the final parameters and
+    the staleness log.
+    """
+    torch.set_num_threads(1)
+    out = []
+    for kw in configs:
+        strategy = ParameterServer(ctx, PSConfig(**kw))
+        result = train(strategy=strategy, **train_kwargs)
+        state = {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+        out.append({"metrics": result.metrics, "state": state, "log": strategy.staleness_log})
+    return out if ctx.rank == 0 else None

@@ -57,7 +57,7 @@ def equivalence_worker(
 
     Every rank starts from a *different* random init (seed + rank): the wrap's broadcast
     must make them all rank 0's. The reference sees the whole global batch of
-    ``batch_size`` sequences; both use AdamW(lr=1e-3). Per mode: the largest gradient
+    ``batch_size`` sequences; both use SGD(lr=0.1, momentum=0.9). Per mode: the largest gradient
     difference at step 0, the largest parameter difference after each step, whether the
     ranks' parameters are bitwise equal at the end, and the last global mean loss.
     """
@@ -67,8 +67,8 @@ def equivalence_worker(
         ref = build_model(cfg, SEED, "cpu")  # rank 0's init, on one device
         module = build_model(cfg, SEED + ctx.rank, "cpu")  # a different init on every rank
         model = DataParallel(module, mode=mode, bucket_cap_mb=bucket_cap_mb)
-        opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
-        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+        opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
         diffs, grad_diff = [], None
         for step in range(steps):
             x, y = get_batch(data, batch_size, SEQ_LEN, SEED, step, ctx.rank, ctx.world_size)
@@ -205,12 +205,17 @@ def step_timing_worker(
     return {"times": times, "info": info, "timelines": timelines}
 
 
-def slowest_median(per_rank: list[dict[str, Any]]) -> dict[tuple, float]:
-    """Chapter 2: per key of ``times``, the median over repeats of the slowest rank's time."""
+def slowest_rank(per_rank: list[dict[tuple, list[float]]], stat: str = "min") -> dict[tuple, float]:
+    """Chapter 2: per key, ``stat`` ("min" or "median") over repeats of the slowest rank's time.
+
+    A repeat takes as long as its slowest rank. On a machine shared with other jobs the
+    fastest repeat ("min") is the least disturbed one: the best estimate of the cost itself.
+    """
+    reduce = {"min": min, "median": statistics.median}[stat]
     out = {}
-    for key in per_rank[0]["times"]:
-        series = zip(*(r["times"][key] for r in per_rank), strict=True)
-        out[key] = statistics.median(max(ts) for ts in series)
+    for key in per_rank[0]:
+        series = zip(*(r[key] for r in per_rank), strict=True)
+        out[key] = reduce([max(ts) for ts in series])
     return out
 
 

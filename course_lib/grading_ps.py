@@ -50,10 +50,13 @@ def _grade_worker(ctx, cwd: str, module_name: str, fn_name: str, n_servers: int)
 
 
 def _reference() -> tuple[list[float], list[dict[str, torch.Tensor]]]:
+    """SGD's losses and parameters; parameters[0] is the initial model, then every step."""
     torch.set_num_threads(1)  # as on the ranks: matmuls then add in the same order
     strategy = SGDReference()
     strategy.setup(MODEL, CONFIG, "cpu")
-    return _run(strategy, make_dataset(load_text()).train, CONFIG.steps)
+    start = {k: v.detach().clone() for k, v in strategy.model.named_parameters()}
+    losses, params = _run(strategy, make_dataset(load_text()).train, CONFIG.steps)
+    return losses, [start, *params]
 
 
 def _hint(got: torch.Tensor, want: torch.Tensor, before: torch.Tensor, n_workers: int) -> str:
@@ -75,11 +78,10 @@ def _compare(results: list[dict], ref, n_servers: int) -> None:
     for step in range(CONFIG.steps):
         for w, r in enumerate(results):
             rank = n_servers + w
-            for name, want in ref_params[step].items():
+            for name, want in ref_params[step + 1].items():
                 got = r["params"][step][name]
                 if not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
-                    before = ref_params[step - 1][name] if step else None
-                    hint = _hint(got, want, before, n_workers) if before is not None else ""
+                    hint = _hint(got, want, ref_params[step][name], n_workers)
                     raise AssertionError(
                         f"step {step}, worker rank {rank}: parameter {name!r} differs from "
                         f"single-device SGD by up to {(got - want).abs().max():.3g}. {hint}"

@@ -222,3 +222,16 @@ def test_benchmark_smoke_prints_its_tables():
     assert run.returncode == 0, run.stderr[-3000:]
     for heading in ("updates/s", "staleness histogram", "bytes per step"):
         assert heading in run.stdout, heading
+
+
+def test_grader_names_step_rank_parameter_and_the_likely_mistake(tmp_path, monkeypatch):
+    from course_lib.grading_ps import grade_sync_round
+
+    (tmp_path / "too_far.py").write_text(
+        "from course_lib import parameter_server as P\n\n\n"
+        "def sync_round(shard, workers, lr):  # sums instead of averaging\n"
+        "    return P.sync_round(shard, workers, lr * len(workers))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AssertionError, match=r"step 0, worker rank 1: parameter .* 2x too large"):
+        grade_sync_round("too_far", world_size=3)

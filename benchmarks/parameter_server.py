@@ -2,11 +2,13 @@
 
 Every mode trains the same small GPT with plain SGD for the same number of applied
 gradients (``--grads``), free running (a fast worker may contribute more of them), with
-2 workers, without and with a straggler (worker 0 made 2x slower by sleeping as long as
-it computed). All parameter-server modes run in one spawn (1 server + 2 workers), the
-all-reduce yardstick in another (2 ranks). Validation losses are computed afterwards from
-parameter snapshots, so evaluation costs no training time. Then the bytes per step through
-the server's link, against those a ring all-reduce sends per rank, as the workers grow.
+2 workers, without and with a straggler (worker 0's whole step 2x as long). Every worker
+also sleeps ``--delay`` seconds per step, simulated compute that keeps the timings
+readable when the processes share two busy cores. All parameter-server modes run in one
+spawn (1 server + 2 workers), the all-reduce yardstick in another (2 ranks). Validation
+losses are computed afterwards from parameter snapshots, so evaluation costs no training
+time. Then the bytes per step through the server's link, against those a ring all-reduce
+sends per rank, as the workers grow.
 
     python benchmarks/parameter_server.py            # full (5 minutes on 2 busy cores)
     python benchmarks/parameter_server.py --smoke    # under a minute: fewer grads and modes
@@ -42,12 +44,13 @@ def _modes(smoke: bool) -> dict[str, dict]:
 def _rows(args, train_config, dataset) -> tuple[list[tuple], dict[str, list[int]]]:
     """Run every mode with and without the straggler; one table row each."""
     modes, slowdowns = _modes(args.smoke), (1.0, 2.0)
-    configs = [{**kw, "slow_worker": 0, "slowdown": f} for f in slowdowns for kw in modes.values()]
+    straggle = [{"slow_worker": 0, "slowdown": f, "delay_s": args.delay} for f in slowdowns]
+    configs = [{**kw, **st} for st in straggle for kw in modes.values()]
     common = (MODEL, train_config, dataset)
     ps = run_distributed(ch4.free_run_worker, 3, *common, configs, args.grads, args.every,
                          **LAUNCH)[0]  # fmt: skip
     ar = run_distributed(ch4.allreduce_worker, 2, *common, list(slowdowns), args.grads,
-                         args.every, **LAUNCH)[0]  # fmt: skip
+                         args.every, args.delay, **LAUNCH)[0]  # fmt: skip
     names = [*modes, "all-reduce DP"]
     runs = []
     for i, f in enumerate(slowdowns):
@@ -107,19 +110,22 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny run, under a minute")
     parser.add_argument("--grads", type=int, default=None, help="gradients applied per run")
     parser.add_argument("--every", type=int, default=None, help="snapshot every N gradients")
+    parser.add_argument("--delay", type=float, default=None, help="simulated compute, s/step")
     parser.add_argument(
         "--target", type=float, default=None, help="val loss to reach (default: sync's + 0.1)"
     )
     args = parser.parse_args()
     args.grads = args.grads or (24 if args.smoke else 240)
     args.every = args.every or (8 if args.smoke else 20)
+    args.delay = args.delay if args.delay is not None else (0.01 if args.smoke else 0.04)
     train_config = TrainConfig(steps=args.grads // 2, batch_size=16, seq_len=32, lr=0.5,
                                min_lr=0.5, warmup_steps=0, weight_decay=0.0,
                                grad_clip=0.0, eval_batches=4)  # fmt: skip
     dataset = make_dataset(load_text())
     print(f"GPT {MODEL.n_layer} layers, d={MODEL.n_embd}; SGD lr {train_config.lr}; "
           f"global batch {train_config.batch_size}x{train_config.seq_len}; "
-          f"{args.grads} gradients per run")  # fmt: skip
+          f"{args.grads} gradients per run; {args.delay * 1e3:g} ms simulated compute "
+          "per step")  # fmt: skip
     rows, hists, target = _rows(args, train_config, dataset)
     _print_modes(rows, target)
     _print_hists(hists)

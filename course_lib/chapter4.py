@@ -90,10 +90,12 @@ def allreduce_worker(
     slowdowns: list[float],
     n_grads: int,
     every: int,
+    delay_s: float = 0.0,
 ) -> list[dict] | None:
     """Chapter 4's yardstick: data-parallel SGD whose gradients meet in a ring all-reduce
     (:func:`course_lib.collectives.ring_all_reduce`, counted); rank 0 slowed by each factor
-    of ``slowdowns`` in turn. Rank 0 returns snapshots as ``run_for`` does."""
+    of ``slowdowns`` in turn, ``delay_s`` of simulated compute per step as in
+    :class:`~course_lib.parameter_server.PSConfig`. Rank 0 returns snapshots as ``run_for``."""
     torch.set_num_threads(1)
     cfg, n, out = train_config, ctx.world_size, []
     for slowdown in slowdowns:
@@ -109,8 +111,8 @@ def allreduce_worker(
             )
             model.zero_grad()
             model(x, y)[1].backward()
-            if ctx.rank == 0:
-                time.sleep((slowdown - 1) * (time.perf_counter() - t0))
+            step_s = time.perf_counter() - t0 + delay_s
+            time.sleep(delay_s + (slowdown - 1) * step_s * (ctx.rank == 0))
             grad = torch.cat([p.grad.reshape(-1) for p in params])  # (P,)
             C.ring_all_reduce(grad, counter=counter)
             with torch.no_grad():

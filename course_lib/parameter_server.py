@@ -75,7 +75,8 @@ class PSConfig:
     n_servers: int = 1  # ranks 0 .. n_servers-1 hold the parameters; the others are workers
     staleness: int = 0  # SSP's bound s: a worker may run at most s steps ahead of the slowest
     slow_worker: int | None = None  # index (0-based among workers) of a simulated straggler
-    slowdown: float = 1.0  # the straggler's step takes this many times its compute time
+    slowdown: float = 1.0  # the straggler's step takes this many times the others'
+    delay_s: float = 0.0  # simulated compute: every worker sleeps this long per step
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -84,8 +85,9 @@ class PSConfig:
             raise ValueError(f"n_servers={self.n_servers} must be >= 1")
         if self.staleness < 0:
             raise ValueError(f"staleness={self.staleness} must be >= 0 (0 = synchronous)")
-        if self.slowdown < 1:
-            raise ValueError(f"slowdown={self.slowdown} must be >= 1 (2 = twice as slow)")
+        if self.slowdown < 1 or self.delay_s < 0:
+            raise ValueError(f"slowdown={self.slowdown} must be >= 1 (2 = twice as slow) and "
+                             f"delay_s={self.delay_s} >= 0")  # fmt: skip
 
 
 def partition(sizes: list[int], n_servers: int) -> list[list[int]]:
@@ -227,9 +229,10 @@ class ParameterServer(Strategy):
     # --- worker side ---------------------------------------------------------------------
 
     def _straggle(self, compute_s: float) -> None:
-        worker = self.ctx.rank - len(self.servers)
-        if worker == self.config.slow_worker:
-            time.sleep((self.config.slowdown - 1) * compute_s)
+        """Sleep ``delay_s``; the straggler ``slowdown`` x (compute + delay) in all."""
+        cfg, worker = self.config, self.ctx.rank - len(self.servers)
+        slow = worker == cfg.slow_worker
+        time.sleep(cfg.delay_s + (cfg.slowdown - 1) * (compute_s + cfg.delay_s) * slow)
 
     def _exchange(self, pushes: list[torch.Tensor], tag: int) -> torch.Tensor:
         """Send message j to server j, install each PARAMS reply (servers in order: no

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import ipywidgets as w
+
 from course_lib.cost_model import GPU_MEMORY, PRECISIONS
 from course_lib.zero import zero_memory_formula
 
 if TYPE_CHECKING:
-    import ipywidgets
     from matplotlib.figure import Figure
 
 STAGE_NAMES = {0: "DP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}
@@ -83,11 +84,24 @@ def plot_zero_memory(
     return fig
 
 
-def zero_memory_explorer(n_params: float = 7e9) -> ipywidgets.VBox:
+class Explorer(w.VBox):
+    """A VBox whose plain-text form (what a page without a kernel shows) is one sentence."""
+
+    def __init__(self, children: list[w.Widget], name: str) -> None:
+        super().__init__(children)
+        self._explorer_name = name
+
+    def __repr__(self) -> str:
+        return (
+            f"[{self._explorer_name}: interactive in JupyterLab; the static figure below shows it]"
+        )
+
+
+def zero_memory_explorer(n_params: float = 7e9) -> Explorer:
     """Chapter 3: sliders for model size x world size x stage -> bytes per rank, and fits?"""
-    import ipywidgets as w
+    import io
+
     import matplotlib.pyplot as plt
-    from IPython.display import display
 
     size = w.FloatLogSlider(value=n_params, base=10, min=8, max=12, step=0.05,
                             description="params", readout_format=".3g")  # fmt: skip
@@ -97,7 +111,7 @@ def zero_memory_explorer(n_params: float = 7e9) -> ipywidgets.VBox:
     precision = w.ToggleButtons(options=sorted(PRECISIONS), value="mixed")
     gpu = w.Dropdown(options=list(GPU_MEMORY.items()), value=GPU_MEMORY["H100 (80 GB)"],
                      description="GPU")  # fmt: skip
-    text, plot = w.HTML(), w.Output()
+    text, plot = w.HTML(), w.Image(format="png")  # PNG bytes: no output area to replay
 
     def update(*_: object) -> None:
         parts = zero_bytes_per_rank(size.value, world.value, stage.value, precision.value)
@@ -108,14 +122,14 @@ def zero_memory_explorer(n_params: float = 7e9) -> ipywidgets.VBox:
             f"<b>{total / 2**30:.1f} GiB per rank</b> ({detail} GiB): {fits} in "
             f"{gpu.value / 2**30:.0f} GiB, before activations"
         )
-        plot.clear_output(wait=True)
-        with plot:
-            ns = tuple(sorted({1, world.value}))
-            fig = plot_zero_memory(size.value, ns, precision.value, gpu.value)
-            display(fig)
-            plt.close(fig)
+        ns = tuple(sorted({1, world.value}))
+        fig = plot_zero_memory(size.value, ns, precision.value, gpu.value)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=80)
+        plt.close(fig)
+        plot.value = png.getvalue()
 
     for control in (size, world, stage, precision, gpu):
         control.observe(update, names="value")
     update()
-    return w.VBox([size, world, stage, precision, gpu, text, plot])
+    return Explorer([size, world, stage, precision, gpu, text, plot], "ZeRO memory explorer")

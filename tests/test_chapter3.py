@@ -1,0 +1,81 @@
+"""Chapter 3's helpers: the bytes formulas, the explorer widget, the figures, one real run."""
+
+import matplotlib
+import pytest
+
+from course_lib import chapter3, widgets
+from course_lib.launch import run_distributed
+from course_lib.model import GPTConfig
+
+matplotlib.use("Agg")
+
+
+def test_mixed_precision_matches_the_zero_paper_figure_1():
+    # 7.5B parameters, 64 GPUs, K = 12: the paper prints 120, 31.4, 16.6 and 1.9 GB.
+    totals = [
+        sum(widgets.zero_bytes_per_rank(7.5e9, 64, s, "mixed").values()) / 1e9 for s in range(4)
+    ]
+    assert [round(t, 1) for t in totals] == [120.0, 31.4, 16.6, 1.9]
+
+
+def test_fp32_is_4_4_8_bytes_per_parameter_cut_by_n():
+    assert widgets.zero_bytes_per_rank(1, 1, 0, "fp32") == {"params": 4, "grads": 4, "optimizer": 8}
+    assert widgets.zero_bytes_per_rank(8, 4, 2, "fp32") == {
+        "params": 32,
+        "grads": 8,
+        "optimizer": 16,
+    }
+    assert widgets.zero_bytes_per_rank(8, 4, 3, "fp32") == {
+        "params": 8,
+        "grads": 8,
+        "optimizer": 16,
+    }
+
+
+@pytest.mark.parametrize("args", [(1, 1, 4, "fp32"), (1, 1, 0, "fp8"), (1, 0, 0, "fp32")])
+def test_bad_arguments_are_refused(args):
+    with pytest.raises(ValueError):
+        widgets.zero_bytes_per_rank(*args)
+
+
+def test_predicted_bytes_sent_counts_passes_per_unit():
+    flat = [("flat", 0, 100), ("flat", 1, 20)]
+    assert chapter3.predicted_bytes_sent(flat, 4, "zero1") == 2 * 0.75 * 4 * 120
+    units = [("block", 0, 100), ("block", 1, 100), ("root", 2, 40)]
+    assert chapter3.predicted_bytes_sent(units, 2, "zero3") == 0.5 * 4 * (3 * 200 + 2 * 40)
+    assert chapter3.predicted_in_forward(units, 2) == 4 * 240 / 2 + 4 * (100 + 40)
+
+
+def test_explorer_updates_its_verdict():
+    explorer = widgets.zero_memory_explorer(70e9)
+    size, world, stage, precision, gpu, text, image = explorer.children
+    world.value = 1
+    assert "does NOT fit" in text.value and image.value[:4] == b"\x89PNG"
+    world.value, stage.value = 64, 3
+    assert "GiB per rank</b>" in text.value and "does NOT" not in text.value
+    assert "interactive in JupyterLab" in repr(explorer)
+
+
+def test_figures_draw():
+    assert len(chapter3.plot_who_holds_what(3).axes) == 4
+    assert len(widgets.plot_zero_memory(7e9, (1, 8)).axes) == 2
+
+
+@pytest.mark.timeout(240)
+def test_worker_memory_and_bytes_match_the_predictions():
+    config = GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=14)  # odd sizes: padding
+    results = {n: run_distributed(chapter3.zero_worker, n, config, 2, 4, 8, timeout_s=200)
+               for n in (1, 2)}  # fmt: skip
+    for stage in chapter3.STAGES:
+        for n, per_rank in results.items():
+            for r in per_rank:
+                res = r[stage]
+                assert all(res["within_tolerance"]) and res["identical_across_ranks"]
+                assert res["bytes_sent"] == round(
+                    chapter3.predicted_bytes_sent(res["units"], n, stage)
+                )
+                want = chapter3.predicted_memory(res["psi"], n, stage)
+                got = res["memory"]["after step"]
+                for kind in chapter3.KINDS:  # padding: fewer than N elements per flat buffer
+                    slack = 4 * (n - 1) * len(res["units"]) * (2 if kind == "optimizer" else 1)
+                    assert want[kind] <= got[kind] <= want[kind] + slack, (stage, n, kind)

@@ -205,17 +205,23 @@ def step_timing_worker(
     return {"times": times, "info": info, "timelines": timelines}
 
 
-def slowest_rank(per_rank: list[dict[tuple, list[float]]], stat: str = "min") -> dict[tuple, float]:
-    """Chapter 2: per key, ``stat`` ("min" or "median") over repeats of the slowest rank's time.
+def slowest_rank(
+    per_rank: list[dict[tuple, list[float]]], stat: str = "min", across: str = "max"
+) -> dict[tuple, float]:
+    """Chapter 2: per key, ``stat`` ("min" or "median") over repeats of one rank's time.
 
-    A repeat takes as long as its slowest rank. On a machine shared with other jobs the
-    fastest repeat ("min") is the least disturbed one: the best estimate of the cost itself.
+    A repeat takes as long as its slowest rank (``across="max"``). On a machine shared
+    with other jobs the fastest repeat ("min") is the least disturbed one: the best
+    estimate of the cost itself. ``across="min"`` takes the rank that waited least: for
+    the synchronization, the rank that finished backward last, whose sync time is pure
+    communication (the others' includes waiting for it).
     """
     reduce = {"min": min, "median": statistics.median}[stat]
+    pick = {"max": max, "min": min}[across]
     out = {}
     for key in per_rank[0]:
         series = zip(*(r[key] for r in per_rank), strict=True)
-        out[key] = reduce([max(ts) for ts in series])
+        out[key] = reduce([pick(ts) for ts in series])
     return out
 
 
@@ -225,32 +231,40 @@ def parameter_bytes(config: GPTConfig | None = None) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-def plot_overlap_timeline(timelines: dict[str, dict[str, Any]], title: str) -> plt.Figure:
-    """Chapter 2: one panel per run: backward compute (grey) vs each bucket's all-reduce.
+def plot_overlap_timeline(timelines: dict[str, list[dict[str, Any]]], title: str) -> plt.Figure:
+    """Chapter 2: one panel per run: each rank's backward (grey) vs each bucket's all-reduce.
 
-    ``timelines`` maps a label to a timeline as :func:`step_timing_worker` returns it.
-    A bucket's bar spans from its all-reduce's launch to its completion; the dashed line
-    is the end of the step (gradients averaged and in ``p.grad``).
+    ``timelines`` maps a label to the per-rank timelines of one step, as
+    :func:`step_timing_worker` returns them (times from each rank's start of the step,
+    which a barrier aligns). A bucket's bar spans from its all-reduce's launch (the tick)
+    to its completion on that rank: a rank that launches first waits for the others, so
+    its bar is long; the last one to launch finds the others ready. The dashed lines end
+    the step (gradients averaged and in ``p.grad``).
     """
     n = len(timelines)
-    fig, axes = plt.subplots(n, 1, figsize=(8, 1.1 + 0.9 * n + 0.12 * n * 8), sharex=True)
+    n_buckets = max(len(tl["buckets"]) for tls in timelines.values() for tl in tls)
+    fig, axes = plt.subplots(n, 1, figsize=(8.5, 0.8 + n * (0.9 + 0.32 * n_buckets)), sharex=True)
     axes = [axes] if n == 1 else list(axes)
-    for ax, (label, tl) in zip(axes, timelines.items(), strict=True):
-        start, end = tl["backward_span"]
-        rows = tl["buckets"]
-        ax.barh(-1, (end - start) * 1e3, left=start * 1e3, color="0.6", height=0.8)
-        for row in rows:
-            width = max(row["end"] - row["start"], 1e-5) * 1e3
-            ax.barh(row["bucket"], width, left=row["start"] * 1e3, color="C0", height=0.8)
-        ax.axvline(tl["step"] * 1e3, color="k", ls="--", lw=1)
+    for ax, (label, per_rank) in zip(axes, timelines.items(), strict=True):
+        shift = 0.4 / len(per_rank)
+        for rank, tl in enumerate(per_rank):
+            dy, color = (rank - (len(per_rank) - 1) / 2) * shift, f"C{rank}"
+            start, end = tl["backward_span"]
+            ax.barh(-1 + dy, (end - start) * 1e3, left=start * 1e3, height=shift, color="0.6")
+            for row in tl["buckets"]:
+                y, width = row["bucket"] + dy, max(row["end"] - row["start"], 3e-4) * 1e3
+                ax.barh(y, width, left=row["start"] * 1e3, height=shift, color=color)
+                ax.plot(row["start"] * 1e3, y, "|", color="k", ms=6)
+            ax.axvline(tl["step"] * 1e3, color=color, ls="--", lw=1, label=f"rank {rank}")
         ax.set_yticks(
-            [-1, *[r["bucket"] for r in rows]],
-            ["backward", *[f"bucket {r['bucket']}" for r in rows]],
-            fontsize=7,
+            range(-1, n_buckets), ["backward", *[f"bucket {k}" for k in range(n_buckets)]]
         )
+        ax.tick_params(axis="y", labelsize=7)
         ax.invert_yaxis()
-        ax.set_title(f"{label}: step {tl['step'] * 1e3:.1f} ms", fontsize=9)
-    axes[-1].set_xlabel("ms since the start of the step (rank 0)")
+        steps = ", ".join(f"{tl['step'] * 1e3:.1f}" for tl in per_rank)
+        ax.set_title(f"{label}: step {steps} ms (rank 0, 1, ...)", fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
+    axes[-1].set_xlabel("ms since the start of the step (each rank's clock)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig

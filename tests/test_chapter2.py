@@ -36,6 +36,7 @@ def test_slowest_rank_takes_the_slowest_rank_per_repeat() -> None:
     per_rank = [{"k": [1.0, 5.0, 3.0]}, {"k": [2.0, 1.0, 4.0]}]  # slowest: 2, 5, 4
     assert chapter2.slowest_rank(per_rank, "min") == {"k": 2.0}
     assert chapter2.slowest_rank(per_rank, "median") == {"k": 4.0}
+    assert chapter2.slowest_rank(per_rank, "min", across="min") == {"k": 1.0}  # 1, 1, 3
 
 
 def test_parameter_bytes_counts_tied_weights_once() -> None:

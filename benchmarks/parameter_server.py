@@ -91,7 +91,7 @@ def _print_bytes(args, train_config, dataset) -> None:
     print("\n## bytes per step: through the server's link vs sent per rank by a ring all-reduce")
     print(f"{'workers':>7} {'server meas':>12} {'server pred':>12} {'ring/rank meas':>14} "
           f"{'ring/rank pred':>14} {'server/ring':>11}")  # fmt: skip
-    for n in (1, 2) if args.smoke else (1, 2, 3, 4, 6):
+    for n in (2,) if args.smoke else (1, 2, 3, 4, 6):
         cfg = TrainConfig(**{**train_config.__dict__, "batch_size": 4 * n})  # W divides it
         r = run_distributed(ch4.bytes_worker, n + 1, MODEL, cfg, dataset, 2, **LAUNCH)
         p = r[0]["n_params"]

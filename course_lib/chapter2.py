@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.distributed as dist
 
+from course_lib import collectives as C
 from course_lib.data import get_batch, load_text, make_dataset
 from course_lib.data_parallel import DataParallel, global_mean
 from course_lib.launch import DistContext
@@ -129,6 +130,37 @@ def accumulation_worker(
         "bytes_all_reduced": model.bytes_all_reduced,
         "n_buckets": len(model.buckets),
     }
+
+
+def ring_bytes_worker(ctx: DistContext, modes: list[str], bucket_cap_mb: float) -> dict:
+    """Chapter 2: bytes this rank sends in one synchronization with chapter 1's ring.
+
+    ``DataParallel(ring=True)`` all-reduces with :func:`collectives.ring_all_reduce` and
+    counts in a :class:`collectives.CommCounter`. Per mode: the gradient payload handed to
+    all-reduce, the calls, the bytes and messages this rank sent, and each call's size.
+    """
+    data, cfg = _train_data(), GPTConfig()
+    out = {}
+    for mode in modes:
+        counter = C.CommCounter()
+        module = build_model(cfg, SEED, "cpu")
+        model = DataParallel(module, mode, bucket_cap_mb, ring=True, counter=counter)
+        x, y = get_batch(data, 2 * ctx.world_size, SEQ_LEN, SEED, 0, ctx.rank, ctx.world_size)
+        model(x, y)[1].backward()
+        model.finish_gradient_synchronization()
+        sizes = (
+            [p.numel() * p.element_size() for p in model.params]
+            if mode == "naive"
+            else [k.nbytes for k in model.buckets]
+        )
+        out[mode] = {
+            "payload": model.bytes_all_reduced,
+            "calls": model.all_reduce_calls,
+            "bytes_sent": counter.bytes_sent,
+            "messages_sent": counter.messages_sent,
+            "sizes": sizes,
+        }
+    return out
 
 
 def _timed_step(model: DataParallel, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:

@@ -12,6 +12,23 @@ import torch.distributed as dist
 from course_lib.launch import RankError, run_distributed
 
 
+def import_learner(cwd: str, module_name: str):
+    """On a rank: import the learner's ``%%writefile`` module from the notebook's folder, fresh."""
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()
+    return importlib.import_module(module_name)
+
+
+def stub_error(err: RankError, what: str, module_name: str) -> NotImplementedError | None:
+    """The learner-facing error when a rank hit the exercise's stub, else None."""
+    if any("NotImplementedError" in tb for tb in err.tracebacks.values()):
+        return NotImplementedError(
+            f"{what} is not implemented yet: replace the stub in {module_name}.py"
+        )
+    return None
+
+
 def _rank_input(rank: int, numel: int, shape, dtype) -> torch.Tensor:
     """A deterministic, rank-dependent input."""
     gen = torch.Generator().manual_seed(1000 + rank)
@@ -33,10 +50,7 @@ def _all_reduce_worker(ctx, cwd, module_name, fn_name, numel, shape, dtype, gath
     With ``gather``, each rank holds only its own chunk, so the all-reduce (sum) of the
     inputs is exactly what an all-gather must produce.
     """
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    importlib.invalidate_caches()
-    fn = getattr(importlib.import_module(module_name), fn_name)
+    fn = getattr(import_learner(cwd, module_name), fn_name)
     mine = _rank_input(ctx.rank, numel, shape, dtype)
     if gather:
         _own_chunk_only(mine, ctx.rank, ctx.world_size)
@@ -68,10 +82,9 @@ def grade_all_reduce(
             timeout_s=90,
         )
     except RankError as err:
-        if any("NotImplementedError" in tb for tb in err.tracebacks.values()):
-            raise NotImplementedError(
-                f"{fn_name} is not implemented yet: replace the stub in {module_name}.py"
-            ) from None
+        stub = stub_error(err, fn_name, module_name)
+        if stub is not None:
+            raise stub from None
         raise
     for rank, (got, expected) in enumerate(results):
         if got.shape != expected.shape or got.dtype != expected.dtype:

@@ -16,9 +16,7 @@ gradient and parameter with the single-device reference, naming the one that dif
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib.data_parallel import Bucket, make_buckets
+from course_lib.grading import import_learner, stub_error
 from course_lib.launch import RankError, run_distributed
 
 VOCAB, WIDTH, HIDDEN = 11, 6, 13  # odd sizes on purpose
@@ -181,10 +180,7 @@ def _compare(model: nn.Module, ref: nn.Module, what: str, step: int) -> list[str
 
 def _grade_worker(ctx, cwd: str, module_name: str, bucket_caps_mb: list[float], steps: int):
     """One rank: for each cap, ``steps`` SGD steps with the learner's hook, beside the reference."""
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    importlib.invalidate_caches()
-    learner = importlib.import_module(module_name)
+    learner = import_learner(cwd, module_name)
     real = dist.all_reduce
     report = []
     for cap in bucket_caps_mb:
@@ -235,9 +231,9 @@ def _grade_worker(ctx, cwd: str, module_name: str, bucket_caps_mb: list[float], 
 
 def _learner_error(err: RankError, fn_hint: str) -> Exception:
     """Turn a rank's traceback into the learner-facing error (its last line)."""
-    tracebacks = err.tracebacks.values()
-    if any("NotImplementedError" in tb for tb in tracebacks):
-        return NotImplementedError(f"not implemented yet: replace the stubs in {fn_hint}.py")
+    stub = stub_error(err, "the bucket hook", fn_hint)
+    if stub is not None:
+        return stub
     tb = err.tracebacks.get(err.rank, "")
     lines = [ln for ln in tb.strip().splitlines() if ln.strip()]
     last = lines[-1] if lines else str(err)

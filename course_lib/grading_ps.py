@@ -7,13 +7,12 @@ it is compared, step by step and parameter by parameter, with single-device SGD.
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import torch
 
 from course_lib.data import get_batch, load_text, make_dataset
+from course_lib.grading import import_learner, stub_error
 from course_lib.launch import DeadlineError, RankError, run_distributed
 from course_lib.model import GPTConfig
 from course_lib.parameter_server import ParameterServer, PSConfig, SGDReference
@@ -39,10 +38,7 @@ def _run(strategy, data, steps: int) -> tuple[list[float], list[dict[str, torch.
 def _grade_worker(ctx, cwd: str, module_name: str, fn_name: str, n_servers: int) -> dict | None:
     """Runs on each rank: the parameter server with the learner's ``sync_round``."""
     torch.set_num_threads(1)
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    importlib.invalidate_caches()
-    fn = getattr(importlib.import_module(module_name), fn_name)
+    fn = getattr(import_learner(cwd, module_name), fn_name)
     strategy = ParameterServer(ctx, PSConfig(n_servers=n_servers), server_round=fn)
     strategy.setup(MODEL, CONFIG, "cpu")
     losses, params = _run(strategy, make_dataset(load_text()).train, CONFIG.steps)
@@ -102,10 +98,9 @@ def grade_sync_round(module_name: str, fn_name: str = "sync_round", world_size: 
         ranks = run_distributed(_grade_worker, world_size, os.getcwd(), module_name, fn_name,
                                 n_servers, timeout_s=90, pg_timeout_s=20)  # fmt: skip
     except RankError as err:
-        if any("NotImplementedError" in tb for tb in err.tracebacks.values()):
-            raise NotImplementedError(
-                f"{fn_name} is not implemented yet: replace the stub in {module_name}.py"
-            ) from None
+        stub = stub_error(err, fn_name, module_name)
+        if stub is not None:
+            raise stub from None
         if "Timed out" in str(err):
             raise AssertionError(
                 "a rank waited for a message that never came: receive one PUSH from every "

@@ -12,9 +12,7 @@ by name, on every rank.
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib import collectives as C
+from course_lib.grading import import_learner, stub_error
 from course_lib.launch import RankError, run_distributed
 from course_lib.zero import FlatLayout
 
@@ -51,10 +50,7 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _load(cwd: str, module_name: str, fn_name: str):
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    importlib.invalidate_caches()
-    return getattr(importlib.import_module(module_name), fn_name)
+    return getattr(import_learner(cwd, module_name), fn_name)
 
 
 def _zero1_worker(ctx, cwd, module_name, fn_name, optim, steps):
@@ -150,10 +146,9 @@ def grade_zero1_step(
             timeout_s=90,
         )  # fmt: skip
     except RankError as err:
-        if any("NotImplementedError" in tb for tb in err.tracebacks.values()):
-            raise NotImplementedError(
-                f"{fn_name} is not implemented yet: replace the stub in {module_name}.py"
-            ) from None
+        stub = stub_error(err, fn_name, module_name)
+        if stub is not None:
+            raise stub from None
         raise
     _check(results, world_size, optim)
     _check_bytes(results, world_size)

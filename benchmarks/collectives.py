@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from course_lib import collectives as C
-from course_lib import comm_model as M
+from course_lib.cost import comm_model as M
 from course_lib.launch import DistContext, run_distributed
 
 KIB, MIB = 2**10, 2**20

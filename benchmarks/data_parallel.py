@@ -30,16 +30,12 @@ import torch.distributed as dist
 from torch import nn
 
 from course_lib import collectives as C
-from course_lib.data_parallel import DataParallel
 from course_lib.launch import DistContext, run_distributed
 from course_lib.model import GPT, GPTConfig
-from course_lib.zero import (
-    FullyShardedDataParallel,
-    ZeroRedundancyOptimizer,
-    held_bytes,
-    state_bytes,
-    zero_memory_formula,
-)
+from course_lib.parallel.data_parallel import DataParallel
+from course_lib.parallel.fsdp import FullyShardedDataParallel
+from course_lib.parallel.zero import ZeroRedundancyOptimizer, zero_memory_formula
+from course_lib.train import LocalGradients, train_step
 
 MODES = ["torch_ddp", "naive", "bucketed", "overlapped", "zero1", "zero2", "zero3"]
 STAGE = {"zero1": 1, "zero2": 2, "zero3": 3}  # the others are plain DP: stage 0
@@ -52,7 +48,7 @@ def _optimizer(params) -> torch.optim.Optimizer:
 
 
 class Mode:
-    """One mode's model, optimizer, step and byte counts on this rank."""
+    """One mode's model, optimizer, gradient sync and byte counts on this rank."""
 
     def __init__(self, name: str, config: GPTConfig) -> None:
         torch.manual_seed(0)
@@ -60,34 +56,26 @@ class Mode:
         self.name, self.counter = name, C.CommCounter()
         self.psi = sum(p.numel() for p in module.parameters())
         self.dp: DataParallel | None = None
-        if name == "torch_ddp":
+        if name == "torch_ddp":  # DDP averages inside backward: nothing left for the sync
             self.model: nn.Module = nn.parallel.DistributedDataParallel(
                 module, bucket_cap_mb=BUCKET_MB
             )
-            self.opt = _optimizer(module.parameters())
+            self.opt, self.sync = _optimizer(module.parameters()), LocalGradients(module)
         elif name in ("naive", "bucketed", "overlapped"):
-            self.model = self.dp = DataParallel(module, name, BUCKET_MB)
+            self.model = self.dp = self.sync = DataParallel(module, name, BUCKET_MB)
             self.opt = _optimizer(module.parameters())
         elif name in ("zero1", "zero2"):
             self.model = module
-            self.opt = ZeroRedundancyOptimizer(
-                module.parameters(),
-                torch.optim.AdamW,
-                stage=STAGE[name],
-                counter=self.counter,
-                lr=1e-3,
-            )
+            self.opt = self.sync = ZeroRedundancyOptimizer(
+                module.parameters(), torch.optim.AdamW, stage=STAGE[name],
+                counter=self.counter, module=module, lr=1e-3,
+            )  # fmt: skip
         else:
-            self.model = FullyShardedDataParallel(module, counter=self.counter)
-            self.opt = _optimizer([s for _, s in self.model.shard_parameters()])
+            self.model = self.sync = FullyShardedDataParallel(module, counter=self.counter)
+            self.opt = _optimizer(self.model.parameters())  # the shards, as with torch's FSDP
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        _, loss = self.model(x, y)
-        self.opt.zero_grad()
-        loss.backward()
-        if self.name in ("naive", "bucketed", "overlapped", "zero3"):
-            self.model.finish_gradient_synchronization()
-        self.opt.step()
+        train_step(self.model, self.opt, self.sync, x, y, lr=1e-3, grad_clip=0.0)
 
     def payload_bytes(self) -> float:
         """Bytes handed to collectives per step (DP: the gradient; ZeRO: what our ring sent)."""
@@ -98,16 +86,7 @@ class Mode:
         return float("nan")
 
     def memory(self) -> dict[str, int]:
-        if self.name in ("zero1", "zero2"):
-            return self.opt.memory_bytes()
-        if self.name == "zero3":
-            return self.model.memory_bytes(self.opt)
-        params = list(self.model.parameters())
-        return {
-            "params": held_bytes(params),
-            "grads": held_bytes(p.grad for p in params),
-            "optimizer": state_bytes(self.opt),
-        }
+        return self.sync.memory_bytes(self.opt)
 
 
 def _timed(fn: Callable[[], None]) -> float:

@@ -3,7 +3,7 @@
 Trains the course's reference GPT at GPT-2-small size (12 layers, 12 heads, d=768,
 sequence 1024) for a few dozen AdamW steps in bf16 autocast, once eagerly and once under
 ``torch.compile``, and prints a table with a compiled / eager ratio column: step time,
-tokens/s, MFU against the card's dense bf16 peak (``course_lib.hardware``), peak memory,
+tokens/s, MFU against the card's dense bf16 peak (``course_lib.cost.hardware``), peak memory,
 and the memory held after a step next to the 16 bytes/param AdamW formula.
 
 Data: the vocabulary is 50304, GPT-2's 50257 padded to a multiple of 128 as nanoGPT does
@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from course_lib.hardware import lookup_gpu, mfu, peak_flops
-from course_lib.model import GPT, GPTConfig, count_parameters, flops_per_token
+from course_lib.cost.hardware import lookup_gpu, mfu, peak_flops
+from course_lib.model import GPT, GPTConfig, count_parameters, flops_per_token, loss_fn
 
 GiB = 2**30
 ADAMW_BYTES_PER_PARAM = 16  # fp32 param 4 + grad 4 + Adam m 4 + v 4 (autocast keeps fp32 params)
@@ -129,7 +129,7 @@ def train_step(
     x, y = batch
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-        _, loss = model(x, y)
+        loss = loss_fn(model(x), y)
     loss.backward()
     optimizer.step()
     return loss.detach()

@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import math
 
-from course_lib import chapter4 as ch4
-from course_lib import comm_model as M
+from course_lib.chapters import ch04_parameter_server as ch4
+from course_lib.cost import comm_model as M
 from course_lib.data import load_text, make_dataset
 from course_lib.launch import run_distributed
 from course_lib.model import GPTConfig
-from course_lib.parameter_server import HEADER
+from course_lib.parallel.parameter_server import HEADER
 from course_lib.train import TrainConfig
 
 MODEL = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32)

@@ -256,7 +256,7 @@ def _summary(
 
 def _report(args: argparse.Namespace, result: TrainResult, dataset: ByteDataset, t0: float) -> None:
     """Print the summary, save loss.png and print a sample (main process only)."""
-    from course_lib.plots import save_loss_plot
+    from course_lib.viz.plots import save_loss_plot
 
     entropy_bits = unigram_entropy_bits(torch.cat([dataset.train, dataset.val]))
     for line in _summary(result, dataset, entropy_bits, time.perf_counter() - t0):

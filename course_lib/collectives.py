@@ -2,7 +2,7 @@
 
 Chapter 1 builds every collective the course needs out of point-to-point calls
 (``dist.send``, ``dist.recv``, ``dist.isend``, ``dist.irecv``) and counts the bytes each
-rank puts on the wire, so that the alpha-beta model of :mod:`course_lib.comm_model` can be
+rank puts on the wire, so that the alpha-beta model of :mod:`course_lib.cost.comm_model` can be
 checked message by message. ``torch.distributed``'s own collectives appear only as the
 yardstick in tests and benchmarks.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -135,6 +136,24 @@ def get_batch(
     rows = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()]).long()  # (b, T+1)
     x, y = rows[:, :-1], rows[:, 1:]  # (b, T) each
     return x.to(device), y.to(device)
+
+
+def batch_for(
+    data: torch.Tensor,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    step: int,
+    topology: Any,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This data-parallel rank's slice of the global batch at ``step`` (chapters 2-7).
+
+    The one place a rank's slice is chosen: data rank ``topology.dp_rank`` of
+    ``topology.dp`` (a :class:`~course_lib.topology.Topology`). Ranks that differ only in
+    their pipeline or tensor coordinate draw the same slice.
+    """
+    return get_batch(data, batch_size, seq_len, seed, step, topology.dp_rank, topology.dp, device)
 
 
 def unigram_entropy_bits(data: torch.Tensor) -> float:

@@ -7,6 +7,11 @@ Architecture (GPT-2 shape, pre-LayerNorm):
 
     tokens -> wte + wpe -> [Block] * n_layer -> ln_f -> lm_head -> logits
     Block(x) = x + attn(ln_1(x));  x + mlp(ln_2(x))
+
+``GPT.forward(idx)`` returns logits only; the loss is :func:`loss_fn`, outside the model.
+The forward is three named pieces, ``embed`` -> ``blocks`` -> ``head``, so that a pipeline
+stage (chapter 5) is a slice of them, and :func:`qkv_rows` picks a subset of attention
+heads out of the fused QKV weight for tensor parallelism (chapter 6).
 """
 
 from __future__ import annotations
@@ -46,28 +51,65 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention where each position sees only itself and the past."""
+def qkv_rows(n_embd: int, n_head: int, heads: range | slice) -> torch.Tensor:
+    """Rows of the fused ``c_attn.weight`` (and ``c_attn.bias``) that belong to ``heads``.
 
-    def __init__(self, config: GPTConfig) -> None:
+    Chapter 6 (tensor parallelism). ``c_attn`` maps d -> 3d; its 3d output rows are
+    [q | k | v], d rows each, and inside each block head h owns the head_dim = d / n_head
+    rows from h * head_dim. The answer lists q's rows of the given heads, then k's, then
+    v's (int64, shape (3 * len(heads) * head_dim,)), which is exactly the layout a
+    :class:`CausalSelfAttention` with ``len(heads)`` heads expects:
+    ``c_attn.weight[qkv_rows(d, n_head, range(h0, h1))]`` is its weight.
+    """
+    # Why not a plain slice: a contiguous chunk of the 3d rows mixes q, k and v. With two
+    # ranks, rows [0, 3d/2) would give rank 0 all of q and half of k, and rank 1 the other
+    # half of k and all of v: neither could compute a single head. A head needs its rows
+    # from each of the three blocks, so the rows of a shard are three slices, not one.
+    if n_head < 1 or n_embd % n_head != 0:
+        raise ValueError(f"n_head={n_head} must be >= 1 and divide n_embd={n_embd}")
+    chosen = range(n_head)[heads] if isinstance(heads, slice) else heads
+    if len(chosen) == 0 or min(chosen) < 0 or max(chosen) >= n_head:
+        raise ValueError(f"heads={heads} must be a non-empty subset of range({n_head})")
+    hd = n_embd // n_head
+    within = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in chosen])  # rows of q
+    return torch.cat([block * n_embd + within for block in range(3)])  # q, then k, then v
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where each position sees only itself and the past.
+
+    ``n_head`` (default ``config.n_head``) is how many heads this module holds, each of
+    width ``config.n_embd // config.n_head``: a tensor-parallel rank (chapter 6) holds
+    some of the model's heads, its ``c_attn`` rows taken with :func:`qkv_rows`.
+    """
+
+    def __init__(self, config: GPTConfig, n_head: int | None = None) -> None:
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head = config.n_head if n_head is None else n_head
+        if not 1 <= self.n_head <= config.n_head:
+            raise ValueError(f"n_head={n_head} must be in [1, config.n_head={config.n_head}]")
+        self.head_dim = config.n_embd // config.n_head
+        width = self.n_head * self.head_dim  # n_embd when the module holds every head
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * width, bias=config.bias)
+        self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        # (B, T, C) -> (B, n_head, T, head_dim)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs side by side, before ``c_proj``: (B, T, C) -> (B, T, n_head * hd)."""
+        B, T, _ = x.shape
+        nh, hd = self.n_head, self.head_dim
+        q, k, v = self.c_attn(x).split(nh * hd, dim=2)  # 3 x (B, T, nh * hd)
+        # (B, T, nh * hd) -> (B, nh, T, hd)
+        q = q.view(B, T, nh, hd).transpose(1, 2)
+        k = k.view(B, T, nh, hd).transpose(1, 2)
+        v = v.view(B, T, nh, hd).transpose(1, 2)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, hd) -> (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return y.transpose(1, 2).contiguous().view(B, T, nh * hd)  # (B, nh, T, hd) -> (B, T, nh*hd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resid_dropout(self.c_proj(self.attend(x)))  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -102,8 +144,19 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """The reference decoder-only transformer (chapter 0).
 
-    ``forward(idx, targets)`` returns ``(logits, loss)``; ``loss`` is the mean
-    cross-entropy over all B*T positions, or None without targets.
+    ``forward(idx)`` returns the logits, (B, T, vocab); the loss is
+    ``loss_fn(model(idx), targets)``. The forward is ``head(blocks(embed(idx)))``:
+    ``embed`` (token + position embedding), ``blocks`` (an ``nn.ModuleList``) and
+    ``head`` (final LayerNorm + LM head) are the pieces a pipeline stage (chapter 5) is
+    made of: the first stage embeds, every stage runs some blocks, the last one applies
+    the head and the loss.
+
+    Tied embedding: with ``config.tie_weights`` the token embedding ``wte.weight`` and the
+    LM head ``lm_head.weight`` are ONE Parameter, so its gradient is the sum of the two
+    uses. When the embedding and the head live on different pipeline stages, each of the
+    two stages holds its own copy of that weight; after backward their gradients must be
+    summed (an all-reduce between the first and the last stage, as Megatron-LM does for
+    its word embeddings) so that both copies take the same step and stay equal.
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -132,9 +185,8 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> residual stream (B, T, C): wte + wpe, then dropout."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(
@@ -142,14 +194,23 @@ class GPT(nn.Module):
                 "use shorter sequences or a GPTConfig with a larger block_size"
             )
         pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        return self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual stream (B, T, C) -> logits (B, T, vocab): final LayerNorm, then LM head."""
+        return self.lm_head(self.ln_f(x))
+
+    def forward(self, idx: torch.Tensor, *targets: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab). The loss is :func:`loss_fn`."""
+        if targets:
+            raise TypeError(
+                "GPT.forward takes only idx: the loss is outside forward now: "
+                "loss_fn(model(idx), targets)"
+            )
+        x = self.embed(idx)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
-        return logits, loss
+        return self.head(x)
 
     @torch.no_grad()
     def generate(
@@ -161,11 +222,23 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` tokens after the prompt ``idx`` of shape (B, T)."""
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size :])
+            logits = self(idx[:, -self.config.block_size :])  # (B, T, V)
             probs = F.softmax(logits[:, -1, :] / max(temperature, 1e-6), dim=-1)  # (B, V)
             nxt = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over all B*T positions of ``logits`` (B, T, V) and ``targets`` (B, T).
+
+    Chapter 0. Outside :class:`GPT` so that a pipeline's last stage, or a strategy that
+    scales the loss, can apply it to logits it got some other way.
+    """
+    B, T = logits.shape[:2]
+    if targets.shape != (B, T):
+        raise ValueError(f"targets of shape {tuple(targets.shape)} do not match logits {(B, T)}")
+    return F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
 
 
 def count_parameters(config: GPTConfig) -> int:

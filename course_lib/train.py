@@ -9,29 +9,44 @@ losses.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
-import os
 import random
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from course_lib.data import ByteDataset, check_batch_shape, get_batch
-from course_lib.model import GPT, GPTConfig
+from course_lib.checkpoint import (
+    Piece,
+    atomic_write,
+    check_names,
+    load_full,
+    load_manifest,
+    save_sharded,
+    whole_piece,
+)
+from course_lib.data import ByteDataset, batch_for, check_batch_shape
+from course_lib.memory import held_bytes, state_bytes
+from course_lib.model import GPT, GPTConfig, loss_fn
+from course_lib.topology import Topology
 
 if TYPE_CHECKING:
     from course_lib.launch import DistContext
 
-CHECKPOINT_NAME = "checkpoint.pt"
+Pieces = dict[str, list[Piece]]  # checkpoint name -> this rank's pieces of that tensor
+Shapes = dict[str, tuple[int, ...]]  # checkpoint name -> the whole tensor's shape
+
+CHECKPOINT_NAME = "checkpoint"  # a folder: one file per rank + manifest.json
 METRICS_NAME = "metrics.json"
 # Fields that may change between a run and its resumption: they do not alter the maths.
 RESUMABLE_CHANGES = ("stop_at", "checkpoint_interval", "eval_interval", "eval_batches")
@@ -98,13 +113,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def build_model(model_config: GPTConfig, seed: int, device: torch.device | str) -> GPT:
     """The GPT every process starts from (chapter 0): seeded, built on the CPU, then moved.
 
-    Building on the CPU after ``torch.manual_seed(seed)`` gives bitwise the same weights
-    on every rank and every device type.
+    Built under ``torch.random.fork_rng`` seeded with ``seed``: bitwise the same weights on
+    every rank and every device type, and the caller's random state is left untouched (the
+    training loop seeds dropout itself, see :func:`seed_everything`).
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT(model_config)
+    return model.to(device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's, Python's and numpy's global generators (chapter 0): dropout's masks."""
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-    return GPT(model_config).to(device)
 
 
 def optimizer_groups(params: list[torch.nn.Parameter], cfg: TrainConfig) -> list[dict]:
@@ -119,10 +142,14 @@ def optimizer_groups(params: list[torch.nn.Parameter], cfg: TrainConfig) -> list
     ]
 
 
+def adamw_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """AdamW's keyword arguments for ``cfg`` (chapter 0): learning rate and betas."""
+    return {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on the 2-D weights only, as nanoGPT does (chapter 0)."""
-    groups = optimizer_groups(list(model.parameters()), cfg)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return torch.optim.AdamW(optimizer_groups(list(model.parameters()), cfg), **adamw_settings(cfg))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -131,16 +158,164 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+# ---------------------------------------------------------------------------------------
+# One interface for how gradients are combined, one train step for every strategy
+# ---------------------------------------------------------------------------------------
+
+
+class GradientSync(Protocol):
+    """What every data-parallel strategy does to gradients (chapters 0, 2 and 3).
+
+    Implemented by :class:`LocalGradients` (one device), ``DataParallel`` (chapter 2),
+    ``ZeroRedundancyOptimizer`` stages 1-2 and ``FullyShardedDataParallel`` (chapter 3),
+    so that :func:`train_step` and the checkpoints run every one of them the same way.
+    """
+
+    def no_sync(self) -> AbstractContextManager[None]:
+        """Backward passes inside only accumulate; the next synced one combines them all."""
+
+    def finish_gradient_synchronization(self) -> None:
+        """After backward: leave this rank with the gradients the optimizer must apply."""
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip the GLOBAL gradient by its norm (over every shard, once); return the norm."""
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer, whole, by its name in the plain model (a collective)."""
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Each rank takes what it holds out of a full state dict (no communication)."""
+
+    def memory_bytes(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        """Bytes this rank holds for parameters, gradients and optimizer state."""
+
+    def state_pieces(self, optimizer: torch.optim.Optimizer) -> tuple[Pieces, Shapes]:
+        """This rank's pieces of the model and optimizer state, for a sharded checkpoint."""
+
+    def load_state_pieces(
+        self, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Take this rank's part of whole checkpoint tensors (any world size wrote them)."""
+
+
+class LocalGradients:
+    """Chapter 0: the :class:`GradientSync` of one device: nothing to combine."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        yield
+
+    def finish_gradient_synchronization(self) -> None:
+        pass
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm).item()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+    def memory_bytes(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        return replicated_memory(self.module, optimizer)
+
+    def state_pieces(self, optimizer: torch.optim.Optimizer) -> tuple[Pieces, Shapes]:
+        return replicated_pieces(self.module, optimizer, write=True)
+
+    def load_state_pieces(
+        self, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
+    ) -> None:
+        load_replicated(self.module, optimizer, tensors)
+
+
+def replicated_memory(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Chapters 0-3: bytes held by a whole (replicated) model, its gradients and ``optimizer``."""
+    params = list(module.parameters())
+    return {
+        "params": held_bytes(params),
+        "grads": held_bytes(p.grad for p in params),
+        "optimizer": state_bytes(optimizer),
+    }
+
+
+def replicated_pieces(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, write: bool
+) -> tuple[Pieces, Shapes]:
+    """Chapter 3: checkpoint pieces of a model every rank holds whole (one writer suffices).
+
+    Names: ``model/<parameter or buffer>`` and ``optimizer/<parameter>/<state key>``, the
+    canonical names every strategy writes and reads, so a checkpoint moves between them.
+    Only the rank with ``write`` contributes pieces; every rank returns the shapes.
+    """
+    tensors = {f"model/{n}": t for n, t in [*module.named_parameters(), *module.named_buffers()]}
+    for name, p in module.named_parameters():
+        state = optimizer.state.get(p, {}) if optimizer is not None else {}
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer/{name}/{key}"] = value
+    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+    pieces = {n: [whole_piece(t)] for n, t in tensors.items()} if write else {}
+    return pieces, shapes
+
+
+@torch.no_grad()
+def load_replicated(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    tensors: dict[str, torch.Tensor],
+) -> None:
+    """Chapter 3: the inverse of :func:`replicated_pieces`, from whole checkpoint tensors."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        t.copy_(tensors[f"model/{name}"])
+    for name, p in module.named_parameters():
+        prefix = f"optimizer/{name}/"
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if state and optimizer is not None:
+            optimizer.state[p] = {k: v.to(p.device) for k, v in state.items()}
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sync: GradientSync,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    grad_clip: float,
+) -> torch.Tensor:
+    """One optimizer step on this rank's slice ``(x, y)``; every strategy runs this (chapter 0).
+
+    The recipe of every chapter: forward, backward, combine the gradients as the strategy
+    does (``sync``), clip by the global norm, step. Returns this rank's loss (a tensor).
+    """
+    set_lr(optimizer, lr)
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    sync.finish_gradient_synchronization()
+    if grad_clip > 0:
+        sync.clip_grad_norm_(grad_clip)
+    optimizer.step()
+    return loss
+
+
 class Strategy:
     """How one training step runs: the plug-in point of the course (chapter 0).
 
-    A strategy owns the model and the optimizer. :func:`train` calls, on every process:
-    ``setup`` once; per step ``get_batch(rank=data_rank, world_size=data_world_size)``
-    then ``train_step(x, y, lr)``, which returns the GLOBAL batch's loss, the same on every
-    rank; ``eval_loss`` likewise without an update; ``state_dict`` before each checkpoint
-    (a collective for strategies that shard state, so every rank calls it, and it must
-    hold ``model`` and ``optimizer``); ``full_model`` at the end (the plain GPT, gathered
-    if split). Only the process with ``is_main`` writes files and shows progress.
+    A strategy owns the model, the optimizer and the :class:`GradientSync` that combines
+    gradients over its :class:`~course_lib.topology.Topology`. :func:`train` calls, on
+    every process: ``setup`` once; per step :func:`~course_lib.data.batch_for` (this data
+    rank's slice of the global batch) then ``train_step(x, y, lr)``, which returns the
+    GLOBAL batch's loss, the same on every rank; ``eval_loss`` likewise without an update;
+    ``state_pieces``/``load_state_pieces`` for sharded checkpoints (collectives); and
+    ``full_model`` at the end (the plain GPT, gathered if split). A data-parallel strategy
+    only overrides :meth:`wrap`; the parameter server (chapter 4) overrides the step too.
+    Only the process with ``is_main`` writes files and shows progress.
     """
 
     name = "base"
@@ -148,17 +323,22 @@ class Strategy:
     def __init__(self, ctx: DistContext | None = None) -> None:
         self.ctx = ctx  # this process's place in the launch; None for a plain single process
         self.device = torch.device("cpu")  # where the model lives; set by setup()
-        self.model: GPT | None = None  # the model as this process holds it
+        self.topology: Topology | None = None  # the grid of ranks; built by setup()
+        self.model: torch.nn.Module | None = None  # the model as this process calls it
         self.optimizer: torch.optim.Optimizer | None = None  # built by setup()
+        self.sync: GradientSync | None = None  # how gradients are combined; built by setup()
         self.train_config: TrainConfig | None = None  # set by setup()
+        self.model_config: GPTConfig | None = None  # set by setup()
 
     @property
     def data_rank(self) -> int:  # which slice of the global batch this process draws
-        return 0
+        return self.topology.dp_rank if self.topology is not None else 0
 
     @property
     def data_world_size(self) -> int:  # into how many slices the global batch is cut
-        return 1
+        if self.topology is not None:
+            return self.topology.dp
+        return self.ctx.world_size if self.ctx is not None else 1
 
     @property
     def is_main(self) -> bool:  # the one process that logs and writes files
@@ -167,23 +347,56 @@ class Strategy:
     def default_device(self) -> torch.device:  # used when train() is given no device
         return torch.device(self.ctx.device if self.ctx is not None else "cpu")
 
-    def setup(self, model_config: GPTConfig, train_config: TrainConfig, device: Any) -> None:
+    def batch(self, data: torch.Tensor, cfg: TrainConfig, step: int) -> tuple:
+        """This rank's slice of the global batch at ``step``: a function of the topology."""
+        return batch_for(data, cfg.batch_size, cfg.seq_len, cfg.seed, step, self.topology,
+                         self.device)  # fmt: skip
+
+    def make_topology(self) -> Topology:
+        """The grid this strategy runs on; data parallel over every rank unless overridden."""
+        return Topology(dp=self.ctx.world_size if self.ctx is not None else 1)
+
+    def wrap(
+        self, module: GPT, cfg: TrainConfig
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer, GradientSync]:
+        """(model to call, optimizer, gradient sync) around a freshly built ``module``."""
         raise NotImplementedError
+
+    def setup(self, model_config: GPTConfig, train_config: TrainConfig, device: Any) -> None:
+        self.device, self.train_config = torch.device(device), train_config
+        self.model_config = model_config
+        self.topology = self.make_topology()
+        module = build_model(model_config, train_config.seed, self.device)
+        self.model, self.optimizer, self.sync = self.wrap(module, train_config)
+
+    def mean_loss(self, loss: torch.Tensor) -> float:
+        """The global batch's loss from this data rank's: the mean over the data ranks."""
+        if self.topology.dp == 1:
+            return loss.item()
+        total = loss.detach().reshape(1).to(torch.float64)
+        dist.all_reduce(total, group=self.topology.dp_group)
+        return total.item() / self.topology.dp
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
-        raise NotImplementedError
+        cfg = self.train_config
+        loss = train_step(self.model, self.optimizer, self.sync, x, y, lr, cfg.grad_clip)
+        return self.mean_loss(loss)
 
+    @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        raise NotImplementedError
+        self.model.eval()
+        return self.mean_loss(loss_fn(self.model(x), y))
 
-    def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+    def state_pieces(self) -> tuple[Pieces, Shapes]:
+        return self.sync.state_pieces(self.optimizer)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+    def load_state_pieces(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.sync.load_state_pieces(tensors, self.optimizer)
 
     def full_model(self) -> GPT:
-        raise NotImplementedError
+        model = GPT(self.model_config)
+        model.load_state_dict(self.sync.full_state_dict())
+        return model.to(self.device)
 
 
 class SingleDevice(Strategy):
@@ -199,35 +412,11 @@ class SingleDevice(Strategy):
             )
         super().__init__(ctx)
 
-    def setup(self, model_config: GPTConfig, train_config: TrainConfig, device: Any) -> None:
-        self.device = torch.device(device)
-        self.train_config = train_config
-        self.model = build_model(model_config, train_config.seed, self.device)
-        self.optimizer = make_optimizer(self.model, train_config)
+    def make_topology(self) -> Topology:
+        return Topology(dp=1) if not dist.is_initialized() else Topology(dp=dist.get_world_size())
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
-        set_lr(self.optimizer, lr)
-        self.model.train()
-        _, loss = self.model(x, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.train_config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.grad_clip)
-        self.optimizer.step()
-        return loss.item()
-
-    @torch.no_grad()
-    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        self.model.eval()
-        _, loss = self.model(x, y)
-        return loss.item()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def wrap(self, module: GPT, cfg: TrainConfig):
+        return module, make_optimizer(module, cfg), LocalGradients(module)
 
     def full_model(self) -> GPT:
         return self.model
@@ -237,13 +426,13 @@ class SingleDevice(Strategy):
 # (or None) and returns a Strategy. Imported on use, so chapter 0 needs none of the others.
 STRATEGIES: dict[str, str] = {
     "single": "course_lib.train:SingleDevice",
-    "dp": "course_lib.data_parallel:DataParallelStrategy",  # chapter 2, overlapped buckets
-    "zero1": "course_lib.zero:Zero1Strategy",  # chapter 3: optimizer state sharded
-    "zero2": "course_lib.zero:Zero2Strategy",  # chapter 3: + gradients sharded
-    "zero3": "course_lib.zero:Zero3Strategy",  # chapter 3: + parameters sharded (FSDP)
-    "ps-sync": "course_lib.parameter_server:ps_sync",  # chapter 4: synchronous server
-    "ps-async": "course_lib.parameter_server:ps_async",  # chapter 4: asynchronous server
-    "ps-ssp": "course_lib.parameter_server:ps_ssp",  # chapter 4: bounded staleness
+    "dp": "course_lib.parallel.data_parallel:DataParallelStrategy",  # chapter 2, overlapped buckets
+    "zero1": "course_lib.parallel.zero:Zero1Strategy",  # chapter 3: optimizer state sharded
+    "zero2": "course_lib.parallel.zero:Zero2Strategy",  # chapter 3: + gradients sharded
+    "zero3": "course_lib.parallel.fsdp:Zero3Strategy",  # chapter 3: + parameters sharded (FSDP)
+    "ps-sync": "course_lib.parallel.parameter_server:ps_sync",  # chapter 4: synchronous server
+    "ps-async": "course_lib.parallel.parameter_server:ps_async",  # chapter 4: asynchronous
+    "ps-ssp": "course_lib.parallel.parameter_server:ps_ssp",  # chapter 4: bounded staleness
 }
 
 
@@ -270,42 +459,25 @@ class TrainResult:
         return vals[-1] if vals else None
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a temporary file in the same folder, then rename (chapter 0).
-
-    A crash mid-write leaves the old file whole: ``os.replace`` is atomic.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; make it like any other output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def rng_state(device: torch.device) -> dict[str, Any]:
     """Every random number generator training touches, as plain data (chapter 0)."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state().tolist(), "python": random.getstate()}
     state["numpy"] = [kind, key.tolist(), pos, has_gauss, gauss]
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
+        state["cuda"] = torch.cuda.get_rng_state(device).tolist()
     return state
 
 
 def restore_rng(state: dict[str, Any], device: torch.device) -> None:
     """Inverse of :func:`rng_state`: resumed dropout masks equal the uninterrupted run's."""
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, key, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
 
 
 def validate_run(
@@ -327,8 +499,7 @@ def is_eval_step(step: int, cfg: TrainConfig) -> bool:
 
 
 def _batch(strategy: Strategy, data: torch.Tensor, cfg: TrainConfig, step: int) -> tuple:
-    rank, world, device = strategy.data_rank, strategy.data_world_size, strategy.device
-    return get_batch(data, cfg.batch_size, cfg.seq_len, cfg.seed, step, rank, world, device)
+    return strategy.batch(data, cfg, step)
 
 
 def evaluate(strategy: Strategy, dataset: ByteDataset, cfg: TrainConfig) -> float:
@@ -346,28 +517,43 @@ class _Run:
     model_config: GPTConfig  # shape of the model
     cfg: TrainConfig  # the run's hyperparameters
     dataset: ByteDataset  # train and val token ids
-    out: Path | None  # where metrics.json and checkpoint.pt go; None = nowhere
+    out: Path | None  # where metrics.json and checkpoint/ go; None = nowhere
 
     def header(self) -> dict[str, Any]:
         """The configs, as saved with the metrics and in the checkpoint."""
         return {"model_config": asdict(self.model_config), "train_config": asdict(self.cfg)}
 
 
+def _world(strategy: Strategy) -> tuple[int, int, Any]:
+    """(global rank, world size, world group) of this launch; (0, 1, None) for one process."""
+    if not dist.is_initialized():
+        return 0, 1, None
+    return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+
+
 def _load_checkpoint(run: _Run) -> tuple[int, list[dict[str, Any]]]:
-    """Restore model, optimizer and RNGs from ``run.out``; return (next step, metrics)."""
+    """Restore model, optimizer and RNGs from ``run.out``; return (next step, metrics).
+
+    The checkpoint may come from another world size or strategy: each rank re-slices the
+    whole tensors it needs (:mod:`course_lib.checkpoint`).
+    """
     path = run.out / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r} to resume; start without resume")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    manifest = load_manifest(path)
+    meta = manifest["meta"]
     wanted = {**run.header()["model_config"], **run.header()["train_config"]}
-    saved = {**ckpt["model_config"], **ckpt["train_config"]}
+    saved = {**meta["model_config"], **meta["train_config"]}
     diff = [k for k in wanted if k not in RESUMABLE_CHANGES and wanted[k] != saved.get(k)]
     changes = ", ".join(f"{k}={saved.get(k)} (now {wanted[k]})" for k in diff)
     _require(not diff, f"cannot resume: the checkpoint has {changes}; resume with the same "
              "settings or start a new run without resume")  # fmt: skip
-    run.strategy.load_state_dict(ckpt)
-    restore_rng(ckpt["rng"], run.strategy.device)
-    return ckpt["step"], ckpt["metrics"]
+    _, shapes = run.strategy.state_pieces()
+    models = {n: e for n, e in manifest["tensors"].items() if n.startswith("model/")}
+    check_names(
+        {**manifest, "tensors": models}, {n: s for n, s in shapes.items() if n.startswith("model/")}
+    )
+    run.strategy.load_state_pieces(load_full(path), meta)
+    restore_rng(meta["rng"], run.strategy.device)
+    return meta["step"], meta["metrics"]
 
 
 def _save_outputs(run: _Run, stop: int, metrics: list[dict[str, Any]]) -> None:
@@ -375,10 +561,14 @@ def _save_outputs(run: _Run, stop: int, metrics: list[dict[str, Any]]) -> None:
     done, interval = metrics[-1]["step"] + 1, run.cfg.checkpoint_interval
     main = run.strategy.is_main
     if done == stop or (interval > 0 and done % interval == 0):
-        ckpt = {**run.strategy.state_dict(), **run.header(), "step": done, "metrics": metrics}
-        ckpt["rng"] = rng_state(run.strategy.device)
-        if main:
-            atomic_write(run.out / CHECKPOINT_NAME, lambda f: torch.save(ckpt, f))
+        pieces, shapes = run.strategy.state_pieces()
+        meta = {**run.header(), "strategy": run.strategy.name, "step": done, "metrics": metrics}
+        topology = run.strategy.topology
+        meta["topology"] = topology.describe() if topology is not None else None
+        meta["rng"] = rng_state(run.strategy.device)
+        rank, world, group = _world(run.strategy)
+        save_sharded(run.out / CHECKPOINT_NAME, pieces, shapes, rank=rank, world_size=world,
+                     group=group, meta=meta)  # fmt: skip
     if main and (done == stop or metrics[-1]["val_loss"] is not None):
         doc = {"strategy": run.strategy.name, **run.header(), "metrics": metrics}
         atomic_write(run.out / METRICS_NAME, lambda f: f.write(json.dumps(doc).encode()))
@@ -409,7 +599,7 @@ def train(
 
     Every process of a launch calls it. Row ``s`` of the metrics holds the training loss
     of step ``s`` and, at eval steps, the validation loss after its update. With
-    ``out_dir``, writes metrics.json and checkpoint.pt there; ``resume`` continues from it.
+    ``out_dir``, writes metrics.json and the checkpoint/ folder there; ``resume`` continues from it.
     """
     strategy = strategy if strategy is not None else SingleDevice()
     validate_run(model_config, train_config, dataset, strategy.data_world_size)
@@ -417,6 +607,7 @@ def train(
         raise ValueError("resume=True needs the out_dir that holds the checkpoint")
     out = Path(out_dir) if out_dir is not None else None
     run = _Run(strategy, model_config, train_config, dataset, out)
+    seed_everything(train_config.seed)  # dropout's masks; the weights come from build_model
     strategy.setup(model_config, train_config, device or strategy.default_device())
     start, metrics = _load_checkpoint(run) if resume else (0, [])
     stop = train_config.stop_at or train_config.steps

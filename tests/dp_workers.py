@@ -12,13 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from course_lib.data_parallel import DataParallel
 from course_lib.launch import DistContext
-from course_lib.model import GPT, GPTConfig
-from course_lib.zero import FullyShardedDataParallel, ZeroRedundancyOptimizer, clip_grad_norm_
+from course_lib.model import GPT, GPTConfig, loss_fn
+from course_lib.parallel.data_parallel import DataParallel
+from course_lib.parallel.fsdp import FullyShardedDataParallel
+from course_lib.parallel.zero import ZeroRedundancyOptimizer
+from course_lib.topology import Topology
+from course_lib.train import train_step
 
 STEPS = 5
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4 ranks
@@ -55,19 +57,20 @@ class Toy(nn.Module):
         self.head = nn.Linear(7, VOCAB, bias=False)
         self.head.weight = self.emb.weight  # one Parameter used twice
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, use_extra: bool = True):
+    use_extra = True  # whether forward runs block 1; set per step and rank by the test
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.blocks[0](self.emb(x))  # (B, T, 7)
-        if use_extra:
+        if self.use_extra:
             h = self.blocks[1](h)
-        logits = self.head(self.frozen(h))  # (B, T, VOCAB)
-        return logits, F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
+        return self.head(self.frozen(h))  # (B, T, VOCAB)
 
 
 @dataclass(frozen=True)
 class Case:
     """One equivalence run: a wrapper, a model, an optimizer and the wrapper's options."""
 
-    kind: str  # "dp", "dp_accum" (no_sync, 2 micro-batches), "zero1", "zero2", "zero3"
+    kind: str  # "dp", "zero1", "zero2", "zero3"; "<kind>_accum": no_sync, 2 micro-batches
     model: str = "gpt"  # "gpt" or "toy"
     optim: str = "adamw"  # a key of OPTIMIZERS
     mode: str = "overlapped"  # DataParallel mode
@@ -92,6 +95,7 @@ def make_cases() -> list[Case]:
             cases.append(Case(kind, "gpt", optim))
         cases.append(Case(kind, "toy", "adamw", unused="steps" if kind == "zero3" else "none"))
         cases.append(Case(kind, "gpt", "adamw", clip=0.05))
+        cases.append(Case(f"{kind}_accum", "gpt", "adamw"))
     cases.append(Case("zero3", "gpt", "adamw", compute_dtype="float64"))
     cases.append(Case("zero3", "gpt", "adamw", compute_dtype="bfloat16"))
     return cases
@@ -102,9 +106,9 @@ def build(model: str) -> nn.Module:
     return GPT(TINY_GPT) if model == "gpt" else Toy()
 
 
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The global batch of ``step``: (GLOBAL_BATCH, SEQ) token ids and targets."""
-    gen = torch.Generator().manual_seed(100 + step)
+def batch(step: int, replica: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of ``step`` (of one independent replica set): (GLOBAL_BATCH, SEQ)."""
+    gen = torch.Generator().manual_seed(100 + step + 1000 * replica)
     data = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
     return data[:, :-1], data[:, 1:]
 
@@ -119,9 +123,15 @@ def use_extra(case: Case, step: int, rank: int) -> bool:
 
 
 def forward(model: nn.Module, case: Case, x, y, step: int, rank: int) -> torch.Tensor:
-    if case.model == "toy":
-        return model(x, y, use_extra(case, step, rank))[1]
-    return model(x, y)[1]
+    set_extra(model, case, step, rank)
+    return loss_fn(model(x), y)
+
+
+def set_extra(model: nn.Module, case: Case, step: int, rank: int) -> None:
+    """Tell the toy model (wrapped or not) whether to run its extra block now."""
+    for m in model.modules():
+        if isinstance(m, Toy):
+            m.use_extra = use_extra(case, step, rank)
 
 
 def groups(params: list[nn.Parameter], key=lambda p: int(p.dim() >= 2)) -> list[dict]:
@@ -133,9 +143,9 @@ def groups(params: list[nn.Parameter], key=lambda p: int(p.dim() >= 2)) -> list[
     ]
 
 
-def reference_step(model, opt, case: Case, step: int, world_size: int) -> float:
+def reference_step(model, opt, case: Case, step: int, world_size: int, replica: int = 0) -> float:
     """One device, the whole global batch: the mean of the N slices' mean losses."""
-    x, y = batch(step)
+    x, y = batch(step, replica)
     xs, ys = x.chunk(world_size), y.chunk(world_size)
     losses = [forward(model, case, xs[r], ys[r], step, r) for r in range(world_size)]
     loss = torch.stack(losses).mean()
@@ -152,77 +162,83 @@ def flat_params(model: nn.Module) -> torch.Tensor:
 
 
 class Runner:
-    """One rank's wrapped model for ``case``: step() and params() hide the wrapper."""
+    """One rank's wrapped model for ``case``, on data-parallel ``group`` (rank ``rank`` of ``n``).
 
-    def __init__(self, case: Case, ctx: DistContext) -> None:
-        self.case, self.rank, self.n = case, ctx.rank, ctx.world_size
+    Every wrapper is driven through the one GradientSync interface and course_lib.train's
+    ``train_step``: no per-wrapper branches below the constructor.
+    """
+
+    def __init__(self, case: Case, group, rank: int, n: int, replica: int = 0) -> None:
+        self.case, self.rank, self.n, self.replica = case, rank, n, replica
+        self.wrapper = case.kind.removesuffix("_accum")
         cls, kw = OPTIMIZERS[case.optim]
+        self.lr = kw["lr"]
         module = build(case.model)
         self.names = [n for n, _ in module.named_parameters()]
-        if case.kind in ("dp", "dp_accum"):
-            self.model = DataParallel(module, case.mode, case.bucket_mb,
-                                      find_unused_parameters=case.unused == "ranks")  # fmt: skip
+        if self.wrapper == "dp":
+            self.model = self.sync = DataParallel(
+                module, case.mode, case.bucket_mb, group=group,
+                find_unused_parameters=case.unused == "ranks",
+            )  # fmt: skip
             self.opt = cls(groups(list(module.parameters())), **kw)
-        elif case.kind in ("zero1", "zero2"):
+        elif self.wrapper in ("zero1", "zero2"):
             self.model = module
-            self.opt = ZeroRedundancyOptimizer(groups(list(module.parameters())), cls,
-                                               stage=int(case.kind[-1]), **kw)  # fmt: skip
+            self.opt = self.sync = ZeroRedundancyOptimizer(
+                groups(list(module.parameters())), cls, group=group,
+                stage=int(self.wrapper[-1]), module=module, **kw,
+            )  # fmt: skip
         else:
             dtype = COMPUTE_DTYPES[case.compute_dtype]
             key = lambda p: int(p.dim() >= 2)  # noqa: E731
-            self.model = FullyShardedDataParallel(module, compute_dtype=dtype, group_of=key)
+            self.model = self.sync = FullyShardedDataParallel(
+                module, group=group, compute_dtype=dtype, group_of=key
+            )
             shards = self.model.shard_parameters()
             self.opt = cls(groups([s for _, s in shards], key=lambda s: dict(
                 (id(v), k) for k, v in shards)[id(s)]), **kw)  # fmt: skip
 
-    def _backward(self, x, y, step: int) -> None:
-        case = self.case
-        if case.kind == "dp_accum":  # two micro-batches, the first without communication
-            (x1, x2), (y1, y2) = x.chunk(2), y.chunk(2)  # sizes may differ: weight by size
-            w1, w2 = len(x1) / len(x), len(x2) / len(x)
-            with self.model.no_sync():
-                (forward(self.model, case, x1, y1, step, self.rank) * w1).backward()
-            (forward(self.model, case, x2, y2, step, self.rank) * w2).backward()
-        else:
-            forward(self.model, case, x, y, step, self.rank).backward()
-
-    def step(self, step: int) -> None:
-        x, y = batch(step)
-        x, y = x.chunk(self.n)[self.rank], y.chunk(self.n)[self.rank]
-        if self.case.kind == "zero3":
-            self.model.zero_grad()
-        self.opt.zero_grad()
-        self._backward(x, y, step)
-        kind, clip = self.case.kind, self.case.clip
-        if kind in ("dp", "dp_accum", "zero3"):
-            self.model.finish_gradient_synchronization()
-        if kind in ("dp", "dp_accum") and clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        elif kind in ("zero1", "zero2"):
-            self.opt.reduce_gradients()
-            if clip:
-                self.opt.clip_grad_norm_(clip)
-        elif kind == "zero3" and clip:
-            clip_grad_norm_([s for _, s in self.model.shard_parameters()], clip)
+    def _accumulate(self, x, y, step: int) -> None:
+        """Two micro-batches, the first inside no_sync(); then the usual finish, clip, step."""
+        (x1, x2), (y1, y2) = x.chunk(2), y.chunk(2)  # sizes may differ: weight by size
+        w1, w2 = len(x1) / len(x), len(x2) / len(x)
+        self.opt.zero_grad(set_to_none=True)
+        with self.sync.no_sync():
+            (forward(self.model, self.case, x1, y1, step, self.rank) * w1).backward()
+        (forward(self.model, self.case, x2, y2, step, self.rank) * w2).backward()
+        self.sync.finish_gradient_synchronization()
+        if self.case.clip:
+            self.sync.clip_grad_norm_(self.case.clip)
         self.opt.step()
 
+    def step(self, step: int) -> None:
+        x, y = batch(step, self.replica)
+        x, y = x.chunk(self.n)[self.rank], y.chunk(self.n)[self.rank]
+        if self.case.kind.endswith("_accum"):
+            self._accumulate(x, y, step)
+            return
+        set_extra(self.model, self.case, step, self.rank)
+        train_step(self.model, self.opt, self.sync, x, y, self.lr, self.case.clip)
+
     def params(self) -> torch.Tensor:
-        if self.case.kind != "zero3":
-            module = self.model.module if self.case.kind.startswith("dp") else self.model
-            return flat_params(module)
-        full = self.model.full_state_dict()
+        full = self.sync.full_state_dict()
         return torch.cat([full[n].reshape(-1) for n in self.names])
 
 
-def run_case(ctx: DistContext, case: Case) -> dict:
-    runner = Runner(case, ctx)
+def run_case(ctx: DistContext, case: Case, topology: Topology | None = None) -> dict:
+    """``case`` over the world, or over ``topology``'s data-parallel group: then each tensor-
+    parallel index is an independent replica set with its own batches and reference."""
+    if topology is None:
+        runner, n, replica = Runner(case, None, ctx.rank, ctx.world_size), ctx.world_size, 0
+    else:
+        n, replica = topology.dp, topology.tp_rank
+        runner = Runner(case, topology.dp_group, topology.dp_rank, n, replica)
     ref = build(case.model)
     cls, kw = OPTIMIZERS[case.optim]
     ref_opt = cls(groups(list(ref.parameters())), **kw)
     ours, theirs = [], []
     for step in range(STEPS):
         runner.step(step)
-        reference_step(ref, ref_opt, case, step, ctx.world_size)
+        reference_step(ref, ref_opt, case, step, n, replica)
         ours.append(runner.params())
         theirs.append(flat_params(ref))
     return {"ours": torch.stack(ours), "ref": torch.stack(theirs)}
@@ -231,6 +247,13 @@ def run_case(ctx: DistContext, case: Case) -> dict:
 def run_cases(ctx: DistContext, cases: list[Case]) -> list[dict]:
     torch.set_num_threads(1)
     return [run_case(ctx, case) for case in cases]
+
+
+def run_grid_cases(ctx: DistContext, cases: list[Case], dp: int, tp: int) -> list[dict]:
+    """The cases inside a ``Topology(dp=dp, tp=tp)`` grid: data parallel over ``dp_group``."""
+    torch.set_num_threads(1)
+    topology = Topology(dp=dp, tp=tp)
+    return [{**run_case(ctx, case, topology), "tp_rank": topology.tp_rank} for case in cases]
 
 
 def wrap_mismatched(ctx: DistContext, what: str) -> None:

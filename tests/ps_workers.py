@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from course_lib.data import get_batch, load_text, make_dataset
 from course_lib.model import GPTConfig
-from course_lib.parameter_server import ParameterServer, PSConfig, flat_of
+from course_lib.parallel.parameter_server import ParameterServer, PSConfig, flat_of
 from course_lib.train import TrainConfig, lr_at, train
 
 MODEL = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)

@@ -6,7 +6,8 @@ import textwrap
 
 import pytest
 
-from course_lib import chapter2, grading_dp
+from course_lib.chapters import ch02_data_parallel as chapter2
+from course_lib.grading import ch02_data_parallel as grading_dp
 from course_lib.model import GPT, GPTConfig
 
 GOOD = """

@@ -3,9 +3,10 @@
 import matplotlib
 import pytest
 
-from course_lib import chapter3, widgets
+from course_lib.chapters import ch03_zero as chapter3
 from course_lib.launch import run_distributed
 from course_lib.model import GPTConfig
+from course_lib.viz import widgets
 
 matplotlib.use("Agg")
 

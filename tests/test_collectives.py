@@ -11,7 +11,7 @@ tests below compare what came back. Three yardsticks, strictest first:
    DESIGN.md's tolerances for floats.
 3. Bitwise identical on every rank (compared as raw bytes, so -0.0 != 0.0 here).
 
-The byte and message counters must equal course_lib.comm_model's exact formulas.
+The byte and message counters must equal course_lib.cost.comm_model's exact formulas.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib import comm_model as M
+from course_lib.cost import comm_model as M
 from course_lib.launch import run_distributed
 
 WORLD_SIZES = [1, 2, 3, 4]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from course_lib.cost_model import (
+from course_lib.cost.cost_model import (
     GIB,
     H100_BYTES,
     PRECISIONS,
@@ -25,7 +25,7 @@ from course_lib.cost_model import (
     training_time_days,
     training_time_seconds,
 )
-from course_lib.model import GPT, GPTConfig, count_parameters
+from course_lib.model import GPT, GPTConfig, count_parameters, loss_fn
 
 
 def _one_adamw_step(model: GPT, batch: int, seq: int) -> torch.optim.AdamW:
@@ -34,7 +34,7 @@ def _one_adamw_step(model: GPT, batch: int, seq: int) -> torch.optim.AdamW:
     x = torch.randint(0, V, (batch, seq), generator=gen)
     y = torch.randint(0, V, (batch, seq), generator=gen)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    _, loss = model(x, y)
+    loss = loss_fn(model(x), y)
     loss.backward()
     opt.step()
     return opt

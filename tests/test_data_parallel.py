@@ -16,18 +16,22 @@ import pytest
 import torch
 from torch import nn
 
-from course_lib.data_parallel import DataParallel, make_buckets
+from course_lib.flat import FlatLayout
 from course_lib.launch import RankError, run_distributed
-from course_lib.zero import FlatLayout, ZeroRedundancyOptimizer, zero_memory_formula
+from course_lib.parallel.data_parallel import DataParallel, make_buckets
+from course_lib.parallel.zero import ZeroRedundancyOptimizer, zero_memory_formula
 
 WORLD_SIZES = [1, 2, 3, 4]
 CASES = W.make_cases()
 RTOL, ATOL = 1.3e-6, 1e-5
 BF16_ATOL = 0.08  # bf16 compute: ~3 significant digits; AdamW turns tiny grads into +-lr steps
+
+
 # At world size 1 these sum in another order than the reference even without communication:
 # two micro-batches vs one batch, a clip norm computed in float64 from shard norms, and
 # float64 compute (more exact than the fp32 reference).
-NOT_BITWISE_AT_1 = {"dp_accum"}
+def _bitwise_at_1(case: W.Case) -> bool:
+    return not (case.kind.endswith("_accum") or case.clip or case.compute_dtype)
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda n: f"world{n}")
@@ -41,7 +45,7 @@ def world(request) -> tuple[int, list[list[dict]]]:
 
 def _case_id(case: W.Case) -> str:
     parts = [case.kind, case.model, case.optim]
-    if case.kind.startswith("dp"):
+    if case.kind == "dp":
         parts += [case.mode, f"{case.bucket_mb}MB"]
     parts += [f"unused-{case.unused}"] if case.unused != "none" else []
     parts += [case.compute_dtype] if case.compute_dtype else []
@@ -59,14 +63,44 @@ def test_equals_single_device_after_every_step(world, index):
             where = f"{_case_id(case)}, world {n}, rank {rank}, after step {step}"
             if case.compute_dtype == "bfloat16":
                 torch.testing.assert_close(ours[step], ref[step], rtol=0, atol=BF16_ATOL, msg=where)
-            elif (
-                n == 1
-                and case.kind not in NOT_BITWISE_AT_1
-                and not (case.clip or case.compute_dtype)
-            ):
+            elif n == 1 and _bitwise_at_1(case):
                 assert torch.equal(ours[step], ref[step]), where
             else:
                 torch.testing.assert_close(ours[step], ref[step], rtol=RTOL, atol=ATOL, msg=where)
+
+
+# One case per wrapper inside a 2-D grid: data parallel over the Topology's dp_group only.
+GRID_CASES = [
+    W.Case("dp", "gpt", "adamw"),
+    W.Case("zero1", "gpt", "adamw"),
+    W.Case("zero2", "gpt", "adamw"),
+    W.Case("zero3", "gpt", "adamw", clip=0.05),
+]
+
+
+@pytest.fixture(scope="module")
+def grid() -> list[list[dict]]:
+    return run_distributed(W.run_grid_cases, 4, GRID_CASES, 2, 2, backend="gloo",
+                           timeout_s=300, pg_timeout_s=60, threads_per_rank=1)  # fmt: skip
+
+
+@pytest.mark.parametrize("index", range(len(GRID_CASES)), ids=[_case_id(c) for c in GRID_CASES])
+def test_in_a_dp2_x_tp2_grid_each_dp_group_equals_its_own_single_device_run(grid, index):
+    """Topology(dp=2, tp=2) in a world of 4: ranks {0, 2} and {1, 3} are two independent
+    data-parallel groups, each training on its own batches. Each must equal the single
+    device on ITS group's global batch; a reduction over the world would mix the two."""
+    case = GRID_CASES[index]
+    for rank in range(4):
+        got = grid[rank][index]
+        assert got["tp_rank"] == rank % 2  # tensor-parallel index varies fastest
+        for step in range(W.STEPS):
+            where = f"{_case_id(case)}, grid rank {rank}, after step {step}"
+            torch.testing.assert_close(got["ours"][step], got["ref"][step], rtol=RTOL,
+                                       atol=ATOL, msg=where)  # fmt: skip
+    for a, b in [(0, 2), (1, 3)]:  # the same dp group: bitwise the same model
+        assert torch.equal(grid[a][index]["ours"], grid[b][index]["ours"])
+    # The two groups saw different data, so they must not hold the same model.
+    assert not torch.allclose(grid[0][index]["ours"][-1], grid[1][index]["ours"][-1])
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[_case_id(c) for c in CASES])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from course_lib.hardware import lookup_gpu, mfu, peak_flops
+from course_lib.cost.hardware import lookup_gpu, mfu, peak_flops
 from course_lib.model import GPTConfig, flops_per_token
 
 

@@ -2,7 +2,7 @@
 cleanly, refuses bad input, and runs from the CLI and the benchmark.
 
 One spawn per world size (2, 3, 4) runs every step-by-step case (tests/ps_workers.py);
-the parent computes the SGD reference (course_lib.parameter_server.SGDReference) on the
+the parent computes the SGD reference (course_lib.parallel.parameter_server.SGDReference) on the
 global batch and compares after every step. Tolerances: DESIGN.md's fp32 ones where the
 order of additions differs (a mean of worker gradients vs one full-batch gradient);
 ``torch.equal`` with one worker, whose single gradient is the reference's, bit for bit.
@@ -24,7 +24,7 @@ import torch
 
 from course_lib.data import get_batch
 from course_lib.launch import DistContext, RankError, run_distributed
-from course_lib.parameter_server import (
+from course_lib.parallel.parameter_server import (
     ParameterServer,
     PSConfig,
     SGDReference,
@@ -230,7 +230,7 @@ def test_benchmark_smoke_prints_its_tables():
 
 
 def test_grader_names_step_rank_parameter_and_the_likely_mistake(tmp_path, monkeypatch):
-    from course_lib.grading_ps import grade_sync_round
+    from course_lib.grading.ch04_parameter_server import grade_sync_round
 
     (tmp_path / "too_far.py").write_text(
         "from course_lib import parameter_server as P\n\n\n"

@@ -7,7 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+import course_lib.checkpoint as checkpoint_mod
 import course_lib.train as train_mod
+from course_lib.checkpoint import load_manifest
 from course_lib.data import make_dataset
 from course_lib.model import GPTConfig
 from course_lib.train import (
@@ -59,7 +61,7 @@ def test_metrics_json_is_written_and_well_formed(dataset, tmp_path):
     assert [r["step"] for r in rows if r["val_loss"] is not None] == [4, 9, 11]
     assert all(r["loss"] > 0 and r["step_time_s"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert rows == result.metrics
-    assert (tmp_path / "checkpoint.pt").is_file()
+    assert (tmp_path / "checkpoint" / "manifest.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]  # atomic writes cleaned up
 
 
@@ -108,15 +110,15 @@ def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(dataset, tmp_p
 def test_checkpoint_interval_saves_mid_run(dataset, tmp_path, monkeypatch):
     cfg = TrainConfig(**{**TINY, "checkpoint_interval": 4})
     train(MODEL, replace(cfg, stop_at=6), dataset, out_dir=tmp_path, progress=False)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 6
-    saved, atomic_write = [], train_mod.atomic_write
+    assert load_manifest(tmp_path / "checkpoint")["meta"]["step"] == 6
+    saved, atomic_write = [], checkpoint_mod.atomic_write
     monkeypatch.setattr(
-        train_mod,
+        checkpoint_mod,
         "atomic_write",
         lambda path, write: saved.append(path.name) or atomic_write(path, write),
     )
     train(MODEL, cfg, dataset, out_dir=tmp_path / "b", progress=False)
-    assert saved.count("checkpoint.pt") == 3  # after steps 4, 8 and 12
+    assert saved.count("manifest.json") == 3  # after steps 4, 8 and 12
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
@@ -158,7 +160,7 @@ def test_run_shape_errors_come_before_any_work(dataset):
     with pytest.raises(ValueError, match="world_size=2"):
         SingleDevice(ctx=type("Ctx", (), {"world_size": 2, "rank": 0})())
     with pytest.raises(NotImplementedError):
-        Strategy().train_step(torch.zeros(1), torch.zeros(1), 0.1)
+        Strategy().wrap(build_model(MODEL, 0, "cpu"), TrainConfig())
 
 
 def test_same_seed_same_model_and_optimizer_skips_frozen_and_1d():

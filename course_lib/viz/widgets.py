@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import ipywidgets as w
 
-from course_lib.cost_model import GPU_MEMORY, PRECISIONS
-from course_lib.zero import zero_memory_formula
+from course_lib.cost.cost_model import GPU_MEMORY, PRECISIONS
+from course_lib.parallel.zero import zero_memory_formula
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -32,7 +32,7 @@ def zero_bytes_per_rank(
     parameter (this course's runs), ``"mixed"`` the ZeRO paper's 2 + 2 + K with K = 12
     (fp32 master weights + Adam's m and v). Stage 0 is plain data parallelism; stage s
     divides the first s of (optimizer, grads, params) by N, as in
-    :func:`course_lib.zero.zero_memory_formula`.
+    :func:`course_lib.parallel.zero.zero_memory_formula`.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")

@@ -52,10 +52,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from course_lib.checkpoint import Piece, whole_piece
 from course_lib.collectives import CommCounter
 from course_lib.data import check_batch_shape, get_batch
-from course_lib.model import GPT, GPTConfig
-from course_lib.train import SingleDevice, Strategy, TrainConfig, build_model, lr_at
+from course_lib.model import GPT, GPTConfig, loss_fn
+from course_lib.train import (
+    SingleDevice,
+    Strategy,
+    TrainConfig,
+    build_model,
+    load_replicated,
+    lr_at,
+    replicated_pieces,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -203,8 +212,14 @@ class ParameterServer(Strategy):
     def data_world_size(self) -> int:
         return len(self.workers)
 
+    def batch(self, data: torch.Tensor, cfg: TrainConfig, step: int) -> tuple:
+        """Workers split the global batch in worker order; servers draw worker 0's slice."""
+        return get_batch(data, cfg.batch_size, cfg.seq_len, cfg.seed, step, self.data_rank,
+                         self.data_world_size, self.device)  # fmt: skip
+
     def setup(self, model_config: GPTConfig, train_config: TrainConfig, device: Any) -> None:
         self.device, self.train_config = torch.device(device), train_config
+        self.model_config = model_config
         self.model = build_model(model_config, train_config.seed, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         owners = partition([p.numel() for p in self.params], len(self.servers))
@@ -250,7 +265,7 @@ class ParameterServer(Strategy):
     def _worker_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         start = time.perf_counter()
         self.model.train()
-        _, loss = self.model(x, y)
+        loss = loss_fn(self.model(x), y)
         self.model.zero_grad(set_to_none=False)
         loss.backward()
         self._straggle(time.perf_counter() - start)
@@ -335,7 +350,7 @@ class ParameterServer(Strategy):
             return float(mean[3])
         if not self.is_server:
             self.model.eval()
-            _, loss = self.model(x, y)
+            loss = loss_fn(self.model(x), y)
             self._send(message([0, 0, 0, loss.item()]), 0, LOSS).wait()
         return float(self._recv(HEADER, 0, LOSS)[0][3])
 
@@ -350,15 +365,21 @@ class ParameterServer(Strategy):
             self._send(self.shard, 0, SHARD).wait()
         return self.model
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_pieces(self) -> tuple[dict[str, list[Piece]], dict[str, tuple[int, ...]]]:
+        """Server 0 writes the whole model (gathered from the servers) and the update count."""
         model = self._gather_model() if self.is_server else self.model
-        return {"model": model.state_dict(), "optimizer": {}, "updates": self.updates}
+        main = self.ctx.rank == 0
+        pieces, shapes = replicated_pieces(model, None, write=main)
+        shapes["ps/updates"] = ()
+        if main:
+            pieces["ps/updates"] = [whole_piece(torch.tensor(self.updates))]
+        return pieces, shapes
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.clocks, self.pushed = [state["step"]] * len(self.clocks), state["step"]
-        self.updates = state["updates"]
-        self.seen = [(state["step"], state["updates"])] * len(self.servers)
+    def load_state_pieces(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        load_replicated(self.model, None, tensors)
+        step, self.updates = meta["step"], int(tensors["ps/updates"])
+        self.clocks, self.pushed = [step] * len(self.clocks), step
+        self.seen = [(step, self.updates)] * len(self.servers)
         if self.is_server:
             self.shard = flat_of(self.shards[self.ctx.rank])
 
@@ -423,7 +444,7 @@ class SGDReference(SingleDevice):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        _, loss = self.model(x, y)
+        loss = loss_fn(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -38,13 +38,13 @@ import torch.nn as nn
 
 # Chapter 1's alpha-beta (latency-bandwidth) communication model lives in comm_model;
 # re-exported so every cost of the course is reachable from cost_model.
-from course_lib.comm_model import (  # noqa: F401
+from course_lib.cost.comm_model import (  # noqa: F401
     alpha_beta_terms,
     bytes_sent_per_rank,
     fit_alpha_beta,
     predict,
 )
-from course_lib.model import GPTConfig
+from course_lib.model import GPTConfig, loss_fn
 
 GIB = 2**30  # bytes in a gibibyte; all "GiB" in the course are 2**30 bytes
 GB = 10**9  # bytes in a gigabyte, as vendors quote HBM capacity
@@ -328,7 +328,7 @@ def korthikanti_activation_bytes(
 
 
 def measure_saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves in ``model(x, y)`` (chapter 0).
+    """Bytes of the distinct storages autograd saves in ``loss_fn(model(x), y)`` (chapter 0).
 
     Runs the forward under ``torch.autograd.graph.saved_tensors_hooks``; every tensor
     an op saves for backward passes through the pack hook. Several saved tensors can be
@@ -351,8 +351,8 @@ def measure_saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.T
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x, y)
-    del out
+        loss = loss_fn(model(x), y)  # the loss is part of the measured graph
+    del loss
     kept.clear()
     return sum(storages.values())
 
@@ -545,7 +545,7 @@ def measure_step_seconds(
     for i in range(warmup + n_steps):
         sync()
         t0 = time.perf_counter()
-        _, loss = model(x, y)
+        loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,7 +1,7 @@
 """Chapter 2's grader: the learner's bucketed gradient hook, on real ranks, vs one device.
 
 The learner writes two functions in a module of their own (``%%writefile my_buckets.py``),
-the two halves of :meth:`course_lib.data_parallel.DataParallel._grad_ready`:
+the two halves of :meth:`course_lib.parallel.data_parallel.DataParallel._grad_ready`:
 
 - ``grad_ready(state, p)``: runs inside backward once ``p.grad`` is complete; copies it
   into its slot of its bucket, marks it ready, then calls ``launch_ready_buckets``;
@@ -25,13 +25,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib.data_parallel import Bucket, make_buckets
-from course_lib.grading import import_learner, stub_error
+from course_lib.grading.core import ATOL, RTOL, import_learner, stub_error
 from course_lib.launch import RankError, run_distributed
+from course_lib.parallel.data_parallel import Bucket, make_buckets
 
 VOCAB, WIDTH, HIDDEN = 11, 6, 13  # odd sizes on purpose
 GLOBAL_BATCH, SEQ = 12, 5  # 12 sequences: divisible by 1, 2, 3 and 4 ranks
-RTOL, ATOL = 1.3e-6, 1e-5  # fp32 tolerances against the single-device reference
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Grader for chapter 4's exercise: the learner's synchronous server round, on real ranks.
 
 The learner's ``sync_round(shard, workers, lr)`` replaces the library's inside
-:class:`course_lib.parameter_server.ParameterServer`; a short run of the tiny GPT through
+:class:`course_lib.parallel.parameter_server.ParameterServer`; a short run of the tiny GPT through
 it is compared, step by step and parameter by parameter, with single-device SGD.
 """
 
@@ -12,16 +12,15 @@ import os
 import torch
 
 from course_lib.data import get_batch, load_text, make_dataset
-from course_lib.grading import import_learner, stub_error
+from course_lib.grading.core import ATOL, RTOL, import_learner, stub_error
 from course_lib.launch import DeadlineError, RankError, run_distributed
 from course_lib.model import GPTConfig
-from course_lib.parameter_server import ParameterServer, PSConfig, SGDReference
+from course_lib.parallel.parameter_server import ParameterServer, PSConfig, SGDReference
 from course_lib.train import TrainConfig, lr_at
 
 MODEL = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
 CONFIG = TrainConfig(steps=3, batch_size=12, seq_len=16, lr=0.3, min_lr=0.1, warmup_steps=0,
                      weight_decay=0.0, grad_clip=0.0)  # fmt: skip
-RTOL, ATOL = 1.3e-6, 1e-5
 
 
 def _run(strategy, data, steps: int) -> tuple[list[float], list[dict[str, torch.Tensor]]]:

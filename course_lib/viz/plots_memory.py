@@ -1,6 +1,6 @@
 """Figures for chapter 0: memory and time budgets of training, predicted and measured.
 
-Like :mod:`course_lib.plots`, figures are built on :class:`matplotlib.figure.Figure`
+Like :mod:`course_lib.viz.plots`, figures are built on :class:`matplotlib.figure.Figure`
 directly, never through pyplot: no GUI backend, no global state. Every function draws
 into ``ax`` (new axes when None) and returns the Figure, which a notebook displays
 inline. Sizes are plotted in GiB (2**30 bytes) and times in days.
@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from course_lib.cost_model import GIB, MemoryBreakdown, format_days
+from course_lib.cost.cost_model import GIB, MemoryBreakdown, format_days
 
 _PART_COLORS = {
     "params": "#4C72B0",

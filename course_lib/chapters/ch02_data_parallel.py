@@ -4,7 +4,7 @@ The notebook ``notebooks/02_data_parallel.ipynb`` runs these through
 :func:`course_lib.launch.run_distributed`, which needs importable top-level functions.
 Every worker builds the course's reference GPT from a seed, draws its slice of the global
 batch with :func:`course_lib.data.get_batch` and wraps the model in
-:class:`course_lib.data_parallel.DataParallel`.
+:class:`course_lib.parallel.data_parallel.DataParallel`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import torch.distributed as dist
 
 from course_lib import collectives as C
 from course_lib.data import get_batch, load_text, make_dataset
-from course_lib.data_parallel import DataParallel, global_mean
 from course_lib.launch import DistContext
-from course_lib.model import GPT, GPTConfig
+from course_lib.model import GPT, GPTConfig, loss_fn
+from course_lib.parallel.common import global_mean
+from course_lib.parallel.data_parallel import DataParallel
 from course_lib.train import build_model
 
 SEED = 1337  # model init and batches
@@ -73,12 +74,12 @@ def equivalence_worker(
         diffs, grad_diff = [], None
         for step in range(steps):
             x, y = get_batch(data, batch_size, SEQ_LEN, SEED, step, ctx.rank, ctx.world_size)
-            _, loss = model(x, y)  # (b, T) slice of this rank
+            loss = loss_fn(model(x), y)  # (b, T) slice of this rank
             opt.zero_grad(set_to_none=True)
             loss.backward()
             model.finish_gradient_synchronization()
             xg, yg = get_batch(data, batch_size, SEQ_LEN, SEED, step)  # (B, T) global batch
-            _, ref_loss = ref(xg, yg)
+            ref_loss = loss_fn(ref(xg), yg)
             ref_opt.zero_grad(set_to_none=True)
             ref_loss.backward()
             if step == 0:
@@ -92,7 +93,7 @@ def equivalence_worker(
             "grad_diff_step0": grad_diff,
             "param_diff_per_step": diffs,
             "ranks_bitwise_equal": _ranks_bitwise_equal(_flat(list(module.parameters()))),
-            "loss": global_mean(loss),
+            "loss": global_mean(loss, model.group),
             "ref_loss": ref_loss.item(),
         }
     return out
@@ -116,12 +117,12 @@ def accumulation_worker(
     for k, (xm, ym) in enumerate(zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True)):
         last = k == micro_batches - 1
         with model.no_sync() if not last else contextlib.nullcontext():
-            _, loss = model(xm, ym)  # (b / micro_batches, T) micro-batch
+            loss = loss_fn(model(xm), ym)  # (b / micro_batches, T) micro-batch
             (loss / micro_batches).backward()
     model.finish_gradient_synchronization()
     ref = build_model(cfg, SEED, "cpu")
     xg, yg = get_batch(data, batch_size, SEQ_LEN, SEED, 0)  # (B, T) the whole global batch
-    _, ref_loss = ref(xg, yg)
+    ref_loss = loss_fn(ref(xg), yg)
     ref_loss.backward()
     grads, ref_grads = [p.grad for p in module.parameters()], [p.grad for p in ref.parameters()]
     return {
@@ -146,7 +147,7 @@ def ring_bytes_worker(ctx: DistContext, modes: list[str], bucket_cap_mb: float) 
         module = build_model(cfg, SEED, "cpu")
         model = DataParallel(module, mode, bucket_cap_mb, ring=True, counter=counter)
         x, y = get_batch(data, 2 * ctx.world_size, SEQ_LEN, SEED, 0, ctx.rank, ctx.world_size)
-        model(x, y)[1].backward()
+        loss_fn(model(x), y).backward()
         model.finish_gradient_synchronization()
         sizes = (
             [p.numel() * p.element_size() for p in model.params]
@@ -175,7 +176,7 @@ def _timed_step(model: DataParallel, x: torch.Tensor, y: torch.Tensor) -> dict[s
     model.timeline = []
     dist.barrier()
     t0 = time.perf_counter()
-    _, loss = model(x, y)
+    loss = loss_fn(model(x), y)
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()

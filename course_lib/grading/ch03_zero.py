@@ -2,7 +2,7 @@
 
 The learner writes ``zero1_step(flat, grad, layout, optimizer, shard, group=None,
 counter=None)`` in a module (``%%writefile``). On every rank the grader lays a small
-model's parameters end to end in a flat buffer (:class:`course_lib.zero.FlatLayout`,
+model's parameters end to end in a flat buffer (:class:`course_lib.parallel.zero.FlatLayout`,
 padded to a multiple of N, sizes chosen not to divide evenly), builds the inner
 optimizer on this rank's piece only, and after each backward on the rank's slice of
 the global batch calls the learner's step. Beside it the same model trains on the whole
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib import collectives as C
-from course_lib.grading import import_learner, stub_error
+from course_lib.flat import FlatLayout
+from course_lib.grading.core import ATOL, RTOL, import_learner, stub_error
 from course_lib.launch import RankError, run_distributed
-from course_lib.zero import FlatLayout
 
 GLOBAL_BATCH = 12  # rows of the global batch: divisible by 1, 2, 3 and 4 ranks
 OPTIMIZERS = {
@@ -98,7 +98,7 @@ def _check(results: list[dict], world_size: int, optim: str) -> None:
             ours, ref = res["history"][step]
             for name, expected in ref.items():
                 got = ours[name]
-                if not torch.allclose(got, expected, rtol=1.3e-6, atol=1e-5):
+                if not torch.allclose(got, expected, rtol=RTOL, atol=ATOL):
                     diff = (got - expected).abs().flatten()
                     i = int(diff.argmax())
                     g, e = got.flatten()[i].item(), expected.flatten()[i].item()

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from course_lib import collectives as C
 from course_lib.data import ByteDataset, get_batch
 from course_lib.launch import DistContext
-from course_lib.model import GPTConfig
-from course_lib.parameter_server import (
+from course_lib.model import GPTConfig, loss_fn
+from course_lib.parallel.parameter_server import (
     HEADER,
     PARAMS,
     PUSH,
@@ -95,7 +95,8 @@ def allreduce_worker(
     """Chapter 4's yardstick: data-parallel SGD whose gradients meet in a ring all-reduce
     (:func:`course_lib.collectives.ring_all_reduce`, counted); rank 0 slowed by each factor
     of ``slowdowns`` in turn, ``delay_s`` of simulated compute per step as in
-    :class:`~course_lib.parameter_server.PSConfig`. Rank 0 returns snapshots as ``run_for``."""
+    :class:`~course_lib.parallel.parameter_server.PSConfig`. Rank 0 returns snapshots as
+    ``run_for``."""
     torch.set_num_threads(1)
     cfg, n, out = train_config, ctx.world_size, []
     for slowdown in slowdowns:
@@ -110,7 +111,7 @@ def allreduce_worker(
                 dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, step, ctx.rank, n
             )
             model.zero_grad()
-            model(x, y)[1].backward()
+            loss_fn(model(x), y).backward()
             step_s = time.perf_counter() - t0 + delay_s
             time.sleep(delay_s + (slowdown - 1) * step_s * (ctx.rank == 0))
             grad = torch.cat([p.grad.reshape(-1) for p in params])  # (P,)
@@ -160,7 +161,7 @@ def val_curve(
     out = []
     for seconds, grads, flat in snaps:
         torch.nn.utils.vector_to_parameters(flat, params)
-        loss = sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+        loss = sum(loss_fn(model(x), y).item() for x, y in batches) / len(batches)
         out.append((seconds, grads, loss))
     return out
 

@@ -14,18 +14,14 @@ import torch
 import torch.distributed as dist
 
 from course_lib import collectives as C
-from course_lib.data import get_batch, load_text, make_dataset
-from course_lib.data_parallel import DataParallel
+from course_lib.data import batch_for, get_batch, load_text, make_dataset
 from course_lib.launch import DistContext
-from course_lib.model import GPTConfig
-from course_lib.train import TrainConfig, build_model, optimizer_groups
-from course_lib.zero import (
-    FullyShardedDataParallel,
-    ZeroRedundancyOptimizer,
-    held_bytes,
-    state_bytes,
-    zero_memory_formula,
-)
+from course_lib.model import GPTConfig, loss_fn
+from course_lib.parallel.data_parallel import DataParallel
+from course_lib.parallel.fsdp import FullyShardedDataParallel
+from course_lib.parallel.zero import ZeroRedundancyOptimizer, zero_memory_formula
+from course_lib.topology import Topology
+from course_lib.train import TrainConfig, adamw_settings, build_model, optimizer_groups
 
 if TYPE_CHECKING:  # the spawned ranks never import matplotlib
     from matplotlib.axes import Axes
@@ -43,20 +39,25 @@ COLORS = {"params": "#4C72B0", "grads": "#DD8452", "optimizer": "#55A868"}
 # ---------------------------------------------------------------------------------------
 
 
-def _wrap(stage: str, model: torch.nn.Module, cfg: TrainConfig, counter: C.CommCounter):
-    """(module to call, optimizer, ZeRO object or None) for ``stage``; AdamW everywhere."""
-    adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+def _wrap(stage: str, model: torch.nn.Module, cfg: TrainConfig, counter: C.CommCounter, group):
+    """(module to call, optimizer, gradient sync) for ``stage``; AdamW everywhere.
+
+    The only place the stages differ: from here on, every stage runs through the same
+    GradientSync interface (``course_lib.train``).
+    """
+    adamw = adamw_settings(cfg)
+    groups = optimizer_groups(list(model.parameters()), cfg)
     if stage == "dp":  # chapter 2's bucketed data parallelism on chapter 1's ring
-        wrapped = DataParallel(model, mode="bucketed", ring=True, counter=counter)
-        opt = torch.optim.AdamW(optimizer_groups(list(model.parameters()), cfg), **adamw)
-        return wrapped, opt, None
+        dp = DataParallel(model, mode="bucketed", group=group, ring=True, counter=counter)
+        return dp, torch.optim.AdamW(groups, **adamw), dp
     if stage in ("zero1", "zero2"):
-        groups = optimizer_groups(list(model.parameters()), cfg)
-        zero = ZeroRedundancyOptimizer(
-            groups, torch.optim.AdamW, stage=STAGE_NUMBER[stage], counter=counter, **adamw
-        )
+        zero = ZeroRedundancyOptimizer(groups, torch.optim.AdamW, group=group,
+                                       stage=STAGE_NUMBER[stage], counter=counter,
+                                       module=model, **adamw)  # fmt: skip
         return model, zero, zero
-    fsdp = FullyShardedDataParallel(model, group_of=lambda p: int(p.dim() >= 2), counter=counter)
+    fsdp = FullyShardedDataParallel(
+        model, group=group, group_of=lambda p: int(p.dim() >= 2), counter=counter
+    )
     shards = fsdp.shard_parameters()
     groups = [
         {"params": [s for k, s in shards if k == 1], "weight_decay": cfg.weight_decay},
@@ -65,43 +66,11 @@ def _wrap(stage: str, model: torch.nn.Module, cfg: TrainConfig, counter: C.CommC
     return fsdp, torch.optim.AdamW(groups, **adamw), fsdp
 
 
-def _memory(stage: str, model: torch.nn.Module, opt: Any) -> dict[str, int]:
-    """Bytes this rank holds now for parameters, gradients and optimizer state."""
-    if stage == "dp":
-        params = list(model.parameters())
-        return {
-            "params": held_bytes(params),
-            "grads": held_bytes(p.grad for p in params),
-            "optimizer": state_bytes(opt),
-        }
-    if stage == "zero3":
-        return model.memory_bytes(opt)
-    return opt.memory_bytes()
-
-
-def _full_parameters(stage: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter, whole, by name (a collective for ZeRO-3)."""
-    if stage == "zero3":
-        return model.full_parameters()
-    module = model.module if stage == "dp" else model
-    return {name: p.detach().clone() for name, p in module.named_parameters()}
-
-
-def _sync(stage: str, model: torch.nn.Module, opt: Any) -> None:
-    """After backward: every rank's gradients combined as the stage does it."""
-    if stage == "dp":
-        model.finish_gradient_synchronization()
-    elif stage == "zero3":
-        model.finish_gradient_synchronization()
-    else:
-        opt.reduce_gradients()
-
-
-def _same_on_every_rank(params: dict[str, torch.Tensor]) -> bool:
-    """True when every rank holds bitwise the same parameters."""
+def _same_on_every_rank(params: dict[str, torch.Tensor], group) -> bool:
+    """True when every rank of ``group`` holds bitwise the same parameters."""
     flat = torch.cat([t.reshape(-1) for t in params.values()])  # (Psi,)
-    copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(copies, flat)
+    copies = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(copies, flat, group=group)
     return all(torch.equal(c, copies[0]) for c in copies)
 
 
@@ -127,45 +96,45 @@ def run_stage(
     the bytes it sent in the last step, and the sizes of the flat buffers.
     """
     counter = C.CommCounter()
+    topology = Topology(dp=ctx.world_size)
     model = build_model(model_config, cfg.seed, "cpu")
     ref = build_model(model_config, cfg.seed, "cpu")
-    adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    ref_opt = torch.optim.AdamW(optimizer_groups(list(ref.parameters()), cfg), **adamw)
-    wrapped, opt, _ = _wrap(stage, model, cfg, counter)
+    ref_opt = torch.optim.AdamW(
+        optimizer_groups(list(ref.parameters()), cfg), **adamw_settings(cfg)
+    )
+    wrapped, opt, sync = _wrap(stage, model, cfg, counter, topology.dp_group)
     memory: dict[str, dict[str, int]] = {}
     if stage == "zero3":  # inside the last block's forward: its parameters are gathered
 
         def record(module: torch.nn.Module, args: Any) -> None:
-            memory["in forward"] = _memory(stage, wrapped, opt)
+            memory["in forward"] = sync.memory_bytes(opt)
 
         model.blocks[-1].register_forward_pre_hook(record)
     max_diff, close = [], []
     for step in range(cfg.steps):
         memory.clear()  # keep the last step's
-        rank, n = ctx.rank, ctx.world_size
-        x, y = get_batch(data, cfg.batch_size, cfg.seq_len, cfg.seed, step, rank, n)  # (B/N, T)
+        x, y = batch_for(data, cfg.batch_size, cfg.seq_len, cfg.seed, step, topology)  # (B/N, T)
         counter.reset()
-        _, loss = wrapped(x, y)
-        loss.backward()
-        memory["after backward"] = _memory(stage, wrapped, opt)
-        _sync(stage, wrapped, opt)
-        memory["after grad sync"] = _memory(stage, wrapped, opt)
+        loss_fn(wrapped(x), y).backward()
+        memory["after backward"] = sync.memory_bytes(opt)
+        sync.finish_gradient_synchronization()
+        memory["after grad sync"] = sync.memory_bytes(opt)
         opt.step()
-        memory["after step"] = _memory(stage, wrapped, opt)
-        opt.zero_grad() if stage != "zero3" else wrapped.zero_grad()
+        memory["after step"] = sync.memory_bytes(opt)
+        opt.zero_grad(set_to_none=True)
         sent = counter.bytes_sent
         xr, yr = get_batch(data, cfg.batch_size, cfg.seq_len, cfg.seed, step)  # global batch
         ref_opt.zero_grad()
-        ref(xr, yr)[1].backward()
+        loss_fn(ref(xr), yr).backward()
         ref_opt.step()
-        ours = _full_parameters(stage, wrapped)
+        ours = sync.full_state_dict()  # a collective for ZeRO-3
         pairs = [(ours[name], p.detach()) for name, p in ref.named_parameters()]
         max_diff.append(max((a - b).abs().max().item() for a, b in pairs))
         close.append(all(torch.allclose(a, b, rtol=1.3e-6, atol=1e-5) for a, b in pairs))
     return {
         "max_diff": max_diff,
         "within_tolerance": close,  # torch.allclose(rtol=1.3e-6, atol=1e-5) per step
-        "identical_across_ranks": _same_on_every_rank(ours),
+        "identical_across_ranks": _same_on_every_rank(ours, topology.dp_group),
         "memory": memory,
         "bytes_sent": sent,
         "bytes_by_op": dict(counter.bytes_sent_by_op),

@@ -33,8 +33,19 @@ import torch.distributed as dist
 from torch import nn
 
 from course_lib import collectives as C
-from course_lib.model import GPT, GPTConfig
-from course_lib.train import Strategy, TrainConfig, build_model, make_optimizer, set_lr
+from course_lib.flat import FlatLayout
+from course_lib.model import GPT
+from course_lib.parallel.common import broadcast_module, check_same_model
+from course_lib.train import (
+    Pieces,
+    Shapes,
+    Strategy,
+    TrainConfig,
+    load_replicated,
+    make_optimizer,
+    replicated_memory,
+    replicated_pieces,
+)
 
 if TYPE_CHECKING:
     from course_lib.launch import DistContext
@@ -42,46 +53,19 @@ if TYPE_CHECKING:
 MODES = ("naive", "bucketed", "overlapped")
 
 
-def check_same_model(module: nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """Chapter 2: raise ValueError on every rank unless every rank wraps the same model.
-
-    Compares the parameter count, then each parameter's name and shape, and names the
-    first mismatch. Every rank sees every rank's description, so all raise together.
-    """
-    mine = [(name, tuple(p.shape)) for name, p in module.named_parameters()]
-    everyone: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    counts = [len(d) for d in everyone]
-    if len(set(counts)) > 1:
-        raise ValueError(
-            f"ranks wrap different models: parameter tensors per rank {counts}; "
-            "build the same model (same config) on every rank before wrapping"
-        )
-    for i, entries in enumerate(zip(*everyone, strict=True)):
-        if len(set(entries)) > 1:
-            per_rank = ", ".join(f"rank {r}: {n} {list(s)}" for r, (n, s) in enumerate(entries))
-            raise ValueError(
-                f"ranks wrap different models: parameter {i} differs ({per_rank}); "
-                "build the same model (same config) on every rank before wrapping"
-            )
-
-
-@torch.no_grad()
-def broadcast_module(module: nn.Module, src: int = 0, group: dist.ProcessGroup | None = None):
-    """Chapter 2: copy rank ``src``'s parameters and buffers to every rank, in order."""
-    for tensor in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(tensor.data, src=src, group=group)
-
-
 @dataclass
 class Bucket:
     """Chapter 2: parameters whose gradients travel together in one flat all-reduce."""
 
     params: list[nn.Parameter]  # in the order their gradients fill the buffer
-    offsets: list[int]  # where each parameter's gradient starts in ``buffer``
+    layout: FlatLayout  # where each parameter's gradient lies in ``buffer`` (one piece)
     buffer: torch.Tensor  # (numel,) flat gradients, the all-reduce's payload
     ready: set[int] = field(default_factory=set)  # indices into params whose grad is in
     work: dist.Work | None = None  # the in-flight asynchronous all-reduce, if any
+
+    @property
+    def offsets(self) -> list[int]:  # where each parameter's gradient starts in ``buffer``
+        return self.layout.offsets
 
     @property
     def nbytes(self) -> int:
@@ -106,12 +90,9 @@ def make_buckets(params: list[nn.Parameter], bucket_cap_mb: float) -> list[Bucke
         size += nbytes
     buckets = []
     for group in groups:
-        offsets = [0]
-        for p in group[:-1]:
-            offsets.append(offsets[-1] + p.numel())
-        numel = offsets[-1] + group[-1].numel()
-        buffer = torch.zeros(numel, dtype=group[0].dtype, device=group[0].device)  # (numel,)
-        buckets.append(Bucket(group, offsets, buffer))
+        layout = FlatLayout([p.shape for p in group], rank=0, world_size=1)
+        buffer = torch.zeros(layout.numel, dtype=group[0].dtype, device=group[0].device)
+        buckets.append(Bucket(group, layout, buffer))  # buffer: (numel,)
     return buckets
 
 
@@ -145,12 +126,14 @@ class DataParallel(nn.Module):
                 "ring=True runs chapter 1's blocking ring: use mode 'naive' or "
                 "'bucketed' with it, or ring=False for 'overlapped'"
             )
-        self.module, self.mode, self.group = module, mode, group
-        self.world_size = dist.get_world_size(group)
+        # No group: the whole world, named explicitly (strategies pass their Topology's).
+        self.group = group if group is not None else dist.group.WORLD
+        self.module, self.mode = module, mode
+        self.world_size = dist.get_world_size(self.group)
         self.find_unused_parameters, self.ring, self.counter = find_unused_parameters, ring, counter
         self.require_sync = True  # False inside no_sync(): gradients only accumulate
-        check_same_model(module, group)
-        broadcast_module(module, 0, group)
+        check_same_model(module, self.group)
+        broadcast_module(module, self.group)
         # Backward produces gradients roughly from the last layer to the first.
         trainable = [p for p in module.parameters() if p.requires_grad]
         self.params = trainable
@@ -303,25 +286,43 @@ class DataParallel(nn.Module):
         self.bytes_all_reduced = 0
         self.all_reduce_calls = 0
 
+    # -- the GradientSync interface (course_lib.train) -------------------------------------
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Every rank holds the whole averaged gradient: torch's clipping, no communication."""
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+    def memory_bytes(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        """Chapter 3's baseline: a whole model, gradient and optimizer state on every rank."""
+        return replicated_memory(self.module, optimizer)
+
+    def state_pieces(self, optimizer: torch.optim.Optimizer) -> tuple[Pieces, Shapes]:
+        """Replicated: the group's first rank writes everything, the others nothing."""
+        return replicated_pieces(self.module, optimizer, write=dist.get_rank(self.group) == 0)
+
+    def load_state_pieces(
+        self, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
+    ) -> None:
+        load_replicated(self.module, optimizer, tensors)
+
 
 # ---------------------------------------------------------------------------------------
 # The training loop's strategy: `python -m course_lib train --strategy dp`
 # ---------------------------------------------------------------------------------------
 
 
-def global_mean(value: torch.Tensor, group: dist.ProcessGroup | None = None) -> float:
-    """Chapter 2: the mean over ranks of a per-rank scalar (each rank's slice is equal)."""
-    total = value.detach().reshape(1).to(torch.float64)
-    dist.all_reduce(total, group=group)
-    return total.item() / dist.get_world_size(group)
-
-
 class DataParallelStrategy(Strategy):
-    """Chapter 2: the reference step with the model wrapped in :class:`DataParallel`.
+    """Chapter 2, ``--strategy dp``: the reference step with the model in :class:`DataParallel`.
 
     Each rank draws its slice of the global batch; ``finish_gradient_synchronization``
-    averages the gradients, so clipping and AdamW see the global batch's gradient and
-    every rank takes the same step.
+    averages the gradients over the topology's data-parallel group, so clipping and AdamW
+    see the global batch's gradient and every rank takes the same step.
     """
 
     name = "dp"
@@ -332,50 +333,11 @@ class DataParallelStrategy(Strategy):
         super().__init__(ctx)
         self.mode, self.bucket_cap_mb = mode, bucket_cap_mb
 
-    @property
-    def data_rank(self) -> int:
-        return dist.get_rank() if dist.is_initialized() else 0
-
-    @property
-    def data_world_size(self) -> int:
-        return dist.get_world_size() if dist.is_initialized() else 1
-
-    def setup(self, model_config: GPTConfig, train_config: TrainConfig, device: Any) -> None:
+    def wrap(self, module: GPT, cfg: TrainConfig):
         if not dist.is_initialized():
             raise RuntimeError(
-                "strategy 'dp' needs a process group: launch it with "
+                f"strategy {self.name!r} needs a process group: launch it with "
                 "run_distributed, torchrun or --world-size N"
             )
-        self.device = torch.device(device)
-        self.train_config = train_config
-        module = build_model(model_config, train_config.seed, self.device)
-        self.model = DataParallel(module, self.mode, self.bucket_cap_mb)
-        self.optimizer = make_optimizer(module, train_config)
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
-        set_lr(self.optimizer, lr)
-        self.model.train()
-        _, loss = self.model(x, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.model.finish_gradient_synchronization()
-        if self.train_config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.grad_clip)
-        self.optimizer.step()
-        return global_mean(loss)
-
-    @torch.no_grad()
-    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        self.model.eval()
-        _, loss = self.model(x, y)
-        return global_mean(loss)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-    def full_model(self) -> GPT:
-        return self.model.module
+        dp = DataParallel(module, self.mode, self.bucket_cap_mb, group=self.topology.dp_group)
+        return dp, make_optimizer(module, cfg), dp

@@ -1,32 +1,14 @@
-"""Graders for the exercise notebooks: run the learner's module on real ranks, compare."""
+"""Chapter 1's grader: the learner's ring all-reduce / all-gather against torch's, on real ranks."""
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
+from course_lib.grading.core import import_learner, stub_error
 from course_lib.launch import RankError, run_distributed
-
-
-def import_learner(cwd: str, module_name: str):
-    """On a rank: import the learner's ``%%writefile`` module from the notebook's folder, fresh."""
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    importlib.invalidate_caches()
-    return importlib.import_module(module_name)
-
-
-def stub_error(err: RankError, what: str, module_name: str) -> NotImplementedError | None:
-    """The learner-facing error when a rank hit the exercise's stub, else None."""
-    if any("NotImplementedError" in tb for tb in err.tracebacks.values()):
-        return NotImplementedError(
-            f"{what} is not implemented yet: replace the stub in {module_name}.py"
-        )
-    return None
 
 
 def _rank_input(rank: int, numel: int, shape, dtype) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Graders of the exercise notebooks, one module per chapter (core: what they share)."""

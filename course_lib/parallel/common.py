@@ -1,0 +1,146 @@
+"""What the data-parallel strategies share: same model everywhere, mean loss, sharded norms.
+
+Chapters 2-3. Every function takes the process group it talks over, explicitly (from a
+:class:`course_lib.topology.Topology`): inside a DP x TP grid, "every rank" means every
+rank of this data-parallel group, never the whole world.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from course_lib.checkpoint import Piece, flat_pieces, flat_shard_from_full, whole_piece
+from course_lib.flat import FlatLayout
+
+
+def gather_object(obj: Any, group: dist.ProcessGroup) -> list[Any]:
+    """Chapter 3: every group member's ``obj``, in group-rank order, on every member."""
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def check_same_model(module: nn.Module, group: dist.ProcessGroup) -> None:
+    """Chapter 2: raise ValueError on every rank unless every rank wraps the same model.
+
+    Compares the parameter count, then each parameter's name and shape, and names the
+    first mismatch. Every rank sees every rank's description, so all raise together.
+    """
+    mine = [(name, tuple(p.shape)) for name, p in module.named_parameters()]
+    everyone = gather_object(mine, group)
+    counts = [len(d) for d in everyone]
+    if len(set(counts)) > 1:
+        raise ValueError(
+            f"ranks wrap different models: parameter tensors per rank {counts}; "
+            "build the same model (same config) on every rank before wrapping"
+        )
+    for i, entries in enumerate(zip(*everyone, strict=True)):
+        if len(set(entries)) > 1:
+            per_rank = ", ".join(f"rank {r}: {n} {list(s)}" for r, (n, s) in enumerate(entries))
+            raise ValueError(
+                f"ranks wrap different models: parameter {i} differs ({per_rank}); "
+                "build the same model (same config) on every rank before wrapping"
+            )
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module, group: dist.ProcessGroup) -> None:
+    """Chapter 2: copy the group's first rank's parameters and buffers to every member."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, group=group, group_src=0)
+
+
+def global_mean(value: torch.Tensor, group: dist.ProcessGroup) -> float:
+    """Chapter 2: the mean over the group of a per-rank scalar (each rank's slice is equal)."""
+    total = value.detach().reshape(1).to(torch.float64)
+    dist.all_reduce(total, group=group)
+    return total.item() / dist.get_world_size(group)
+
+
+def clip_grad_norm_(
+    shards: Iterable[torch.Tensor], max_norm: float, group: dist.ProcessGroup
+) -> float:
+    """Chapter 3: clip gradients held as shards by their GLOBAL norm; return the norm.
+
+    Each rank passes the pieces it owns: the squared norm is the sum of every rank's
+    squared piece norms (one all-reduce over ``group``); then each piece is scaled as
+    ``torch.nn.utils.clip_grad_norm_`` would scale the whole gradient.
+    """
+    grads = [p.grad for p in shards if p.grad is not None]
+    squares = torch.zeros(1, dtype=torch.float64)
+    for g in grads:
+        squares += g.detach().double().pow(2).sum().cpu()
+    dist.all_reduce(squares, group=group)
+    total = squares.sqrt().item()
+    scale = min(1.0, max_norm / (total + 1e-6))
+    for g in grads:
+        g.mul_(scale)
+    return total
+
+
+def check_optimizer_class(optimizer_class: Any) -> None:
+    """Chapter 3: refuse anything that is not a ``torch.optim.Optimizer`` subclass."""
+    if not (
+        isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)
+    ):
+        raise ValueError(
+            f"optimizer_class must be a torch.optim.Optimizer subclass such as torch.optim.AdamW, "
+            f"got {optimizer_class!r}; pass the class itself, not an instance"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Sharded checkpoints of flat pieces (ZeRO-1/2 and FSDP): canonical names, any world size
+# ---------------------------------------------------------------------------------------
+
+
+def flat_state_pieces(
+    layout: FlatLayout,
+    names: list[str],
+    shard: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    write_replicated: bool,
+) -> tuple[dict[str, list[Piece]], dict[str, tuple[int, ...]]]:
+    """Chapter 3: this rank's checkpoint pieces of one flat group (tensor ``i`` = ``names[i]``).
+
+    ``shard`` is this rank's fp32 piece of the parameters; the optimizer's state for it
+    (Adam's m and v) is cut the same way. A 0-d state such as Adam's ``step`` is the same
+    for every parameter of the group: written whole, once, by ``write_replicated``.
+    """
+    shapes = {f"model/{n}": tuple(s) for n, s in zip(names, layout.shapes, strict=True)}
+    pieces = flat_pieces(layout, [f"model/{n}" for n in names], shard.detach())
+    for key, value in optimizer.state.get(shard, {}).items():
+        keyed = [f"optimizer/{n}/{key}" for n in names]
+        if value.dim() == 0:
+            shapes.update({k: () for k in keyed})
+            pieces.update({k: [whole_piece(value)] for k in keyed} if write_replicated else {})
+        else:
+            shapes.update({k: tuple(s) for k, s in zip(keyed, layout.shapes, strict=True)})
+            pieces.update(flat_pieces(layout, keyed, value))
+    return pieces, shapes
+
+
+def load_flat_optimizer_state(
+    layout: FlatLayout,
+    names: list[str],
+    shard: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+) -> None:
+    """Chapter 3: the inverse of :func:`flat_state_pieces` for the optimizer's state."""
+    prefix = f"optimizer/{names[0]}/"
+    keys = sorted(k[len(prefix) :] for k in tensors if k.startswith(prefix))
+    state = {}
+    for key in keys:
+        whole = [tensors[f"optimizer/{n}/{key}"] for n in names]
+        if whole[0].dim() == 0:
+            state[key] = whole[0].clone()
+        else:
+            state[key] = flat_shard_from_full(layout, whole).to(shard.device)
+    if state:
+        optimizer.state[shard] = state

@@ -1,0 +1,392 @@
+"""ZeRO stage 3 / FSDP from scratch: parameters, gradients and optimizer state sharded (chapter 3).
+
+Stage 3 of ZeRO (Rajbhandari et al., 2020), which PyTorch calls fully sharded data
+parallelism: each rank keeps only its 1/N flat piece of every parameter, in fp32, and
+the optimizer steps those pieces. A unit's parameters (a transformer block, or the root
+for everything else) are all-gathered just before the unit runs and freed right after;
+its gradients are reduce-scattered into the pieces as soon as backward has produced them.
+Per rank: (4 Psi + 4 Psi + 8 Psi) / N bytes with Adam, plus one gathered unit at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from course_lib import collectives as C
+from course_lib.flat import FlatLayout
+from course_lib.memory import held_bytes, state_bytes
+from course_lib.model import GPT
+from course_lib.parallel.common import (
+    broadcast_module,
+    check_same_model,
+    clip_grad_norm_,
+    flat_state_pieces,
+    load_flat_optimizer_state,
+)
+from course_lib.train import (
+    Pieces,
+    Shapes,
+    Strategy,
+    TrainConfig,
+    adamw_settings,
+    replicated_pieces,
+)
+
+
+class _ShardedTensors:
+    """Chapter 3: some parameters of one unit, kept as 1/N flat piece, gathered on demand.
+
+    ``shard`` is the fp32 master piece the optimizer steps. ``buffer`` holds the gathered
+    (padded,) parameters in the compute dtype while the unit runs, and no bytes otherwise;
+    ``full`` is a leaf aliasing ``buffer``'s memory (with its own version counter, so
+    refilling ``buffer`` before backward does not trip autograd), whose ``.grad`` collects
+    the unit's gradients.
+    """
+
+    def __init__(
+        self, params: list[nn.Parameter], rank: int, world_size: int, compute_dtype: torch.dtype
+    ) -> None:
+        self.layout = FlatLayout([p.shape for p in params], rank, world_size)
+        flat = self.layout.flatten(list(params), params[0].detach())  # (padded,) fp32
+        self.shard = nn.Parameter(self.layout.shard(flat).clone())  # (shard_numel,)
+        self.buffer = torch.zeros(self.layout.padded, dtype=compute_dtype, device=flat.device)
+        storage = self.buffer.untyped_storage()
+        self.full = torch.empty(0, dtype=compute_dtype, device=flat.device)
+        self.full.set_(storage, 0, (self.layout.padded,)).requires_grad_()
+        self.nbytes = storage.nbytes()
+        self.gathered = True
+        self.free()
+
+    def gather(self, group, counter) -> None:
+        if not self.gathered:
+            self.buffer.untyped_storage().resize_(self.nbytes)
+            with torch.no_grad():
+                self.layout.shard(self.buffer).copy_(self.shard)  # fp32 -> compute dtype
+                C.ring_all_gather(self.buffer, group, counter)
+            self.gathered = True
+
+    def free(self) -> None:
+        if self.gathered:
+            self.buffer.untyped_storage().resize_(0)
+            self.gathered = False
+
+
+class _Unit:
+    """Chapter 3: a submodule whose parameters are gathered just before it runs, freed after."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        slots: list[tuple[nn.Module, str, nn.Parameter]],
+        group_of: Callable[[nn.Parameter], int],
+        rank: int,
+        world_size: int,
+        compute_dtype: torch.dtype,
+    ) -> None:
+        self.module, self.slots = module, slots  # slots: (owner module, attribute, parameter)
+        unique = list({id(p): p for _, _, p in slots}.values())
+        keys = sorted({group_of(p) for p in unique})
+        self.groups = {k: [p for p in unique if group_of(p) == k] for k in keys}
+        self.sharded = {
+            k: _ShardedTensors(ps, rank, world_size, compute_dtype) for k, ps in self.groups.items()
+        }
+        for owner, attr, _ in slots:
+            del owner._parameters[attr]  # from now on a plain attribute, set by gather()
+        self.reduced = True
+        self.ready: set[int] = set()  # group keys whose gradient this backward produced
+
+    def gather(self, group, counter) -> None:
+        """All-gather the parameters and point every owner's attribute at its view."""
+        views = {}
+        for k, st in self.sharded.items():
+            st.gather(group, counter)
+            for p, v in zip(self.groups[k], st.layout.views(st.full), strict=True):
+                views[id(p)] = v
+        for owner, attr, p in self.slots:
+            setattr(owner, attr, views[id(p)])
+        self.reduced = False
+
+    def free(self) -> None:
+        for st in self.sharded.values():
+            st.free()
+
+    @torch.no_grad()
+    def reduce(self, group, counter, world_size: int) -> None:
+        """Reduce-scatter the unit's gradients into the fp32 shards' ``.grad``; free the rest."""
+        for st in self.sharded.values():
+            grad = st.full.grad if st.full.grad is not None else torch.zeros_like(st.buffer)
+            piece = C.ring_reduce_scatter(grad, group, counter)  # (shard_numel,) compute dtype
+            piece = piece.to(torch.float32, copy=True).div_(world_size)  # own memory
+            st.shard.grad = piece if st.shard.grad is None else st.shard.grad.add_(piece)
+            st.full.grad = None
+        self.free()
+        self.reduced = True
+
+
+def _default_units(module: nn.Module) -> list[nn.Module]:
+    """The GPT's transformer blocks (one unit each); any other module: root unit only."""
+    blocks = getattr(module, "blocks", None)
+    return list(blocks) if isinstance(blocks, nn.ModuleList) else []
+
+
+def _owning_unit(module: nn.Module, units: list[nn.Module]) -> dict[int, int]:
+    """Parameter id -> index of the unit that owns it (-1: the root, also for shared ones)."""
+    owner: dict[int, int] = {}
+    for i, unit in enumerate(units):
+        for p in unit.parameters():
+            owner[id(p)] = i if owner.get(id(p), i) == i else -1
+    return owner
+
+
+def _slots(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """Every (module, attribute, parameter) that holds a trainable parameter (tied: twice)."""
+    return [
+        (m, name, p)
+        for m in module.modules()
+        for name, p in m._parameters.items()
+        if p is not None and p.requires_grad
+    ]
+
+
+class FullyShardedDataParallel(nn.Module):
+    """Chapter 3: ZeRO-3 / FSDP: parameters, gradients and optimizer state all sharded N ways.
+
+    Each unit (default: every transformer block, plus the root for everything else)
+    keeps only its 1/N fp32 piece. Just before a unit's forward its parameters are
+    all-gathered (cast to ``compute_dtype`` first, so communication is in that dtype
+    too) and freed after it; a hook on the unit's output gathers them again before its
+    backward; when its gradients are complete they are reduce-scattered into the pieces
+    and freed. The root stays gathered from forward to the end of backward. As with
+    torch's FSDP, ``.parameters()`` yields the fp32 pieces this rank owns (plus frozen
+    parameters, kept whole), so ``torch.optim.AdamW(model.parameters())`` steps the shards;
+    :meth:`shard_parameters` gives them with their group key. Call
+    :meth:`finish_gradient_synchronization` after backward. ``group_of(p)`` puts
+    parameters in separate flat groups (the course: decayed 2-D weights apart from the
+    rest); frozen parameters stay replicated.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        group=None,
+        compute_dtype: torch.dtype | None = None,
+        unit_modules: list[nn.Module] | None = None,
+        group_of: Callable[[nn.Parameter], int] = lambda p: 0,
+        counter: C.CommCounter | None = None,
+    ) -> None:
+        super().__init__()
+        # No group: the whole world, named explicitly (strategies pass their Topology's).
+        group = group if group is not None else dist.group.WORLD
+        check_same_model(module, group)
+        broadcast_module(module, group)
+        self.module, self.group, self.counter = module, group, counter
+        self.world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+        self.require_sync = True  # False inside no_sync(): gradients stay whole, unreduced
+        self.names: dict[int, list[str]] = {}  # parameter id -> every name it has (tied: 2)
+        for name, p in module.named_parameters(remove_duplicate=False):
+            self.names.setdefault(id(p), []).append(name)
+        dtype = compute_dtype or torch.float32
+        units = unit_modules if unit_modules is not None else _default_units(module)
+        owner = _owning_unit(module, units)
+        slots = _slots(module)
+        args = (group_of, rank, self.world_size, dtype)
+        by_unit = [[s for s in slots if owner.get(id(s[2]), -1) == i] for i in range(len(units))]
+        self.units = [_Unit(u, s, *args) for u, s in zip(units, by_unit, strict=True) if s]
+        root_slots = [s for s in slots if owner.get(id(s[2]), -1) == -1]
+        self.root = _Unit(module, root_slots, *args) if root_slots else None
+        for unit in self.units:
+            unit.module.register_forward_pre_hook(lambda m, a, u=unit: self._pre_forward(u))
+            unit.module.register_forward_hook(lambda m, a, out, u=unit: self._post_forward(u, out))
+        for unit in self.all_units():
+            for k, st in unit.sharded.items():
+                hook = lambda t, u=unit, k=k: self._post_backward(u, k)  # noqa: E731
+                st.full.register_post_accumulate_grad_hook(hook)
+        # Registered, so .parameters(), .to() and optimizers see this rank's pieces.
+        self.shards = nn.ParameterList([shard for _, shard in self.shard_parameters()])
+
+    def all_units(self) -> list[_Unit]:
+        return self.units + ([self.root] if self.root is not None else [])
+
+    def shard_parameters(self) -> list[tuple[int, nn.Parameter]]:
+        """Chapter 3: (group key, fp32 piece) for the optimizer; each rank's own pieces."""
+        return [(k, st.shard) for u in self.all_units() for k, st in u.sharded.items()]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.root is not None:
+            self.root.gather(self.group, self.counter)
+        out = self.module(*args, **kwargs)
+        if self.root is not None and not torch.is_grad_enabled():
+            self.root.free()  # no backward will come to free it
+        return out
+
+    def _pre_forward(self, unit: _Unit) -> None:
+        unit.gather(self.group, self.counter)
+
+    def _post_forward(self, unit: _Unit, out: Any) -> None:
+        unit.free()
+        if torch.is_tensor(out) and out.requires_grad:
+            out.register_hook(lambda grad: self._pre_backward(unit, grad))
+
+    def _pre_backward(self, unit: _Unit, grad: torch.Tensor) -> torch.Tensor:
+        unit.gather(self.group, self.counter)
+        return grad
+
+    def _post_backward(self, unit: _Unit, key: int) -> None:
+        """When this backward has produced all the unit's gradients: reduce (or keep them)."""
+        unit.ready.add(key)
+        if len(unit.ready) < len(unit.sharded):
+            return
+        unit.ready.clear()
+        if self.require_sync:
+            unit.reduce(self.group, self.counter, self.world_size)
+        else:  # no_sync(): the whole gradient accumulates; parameters are re-gathered later
+            unit.free()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Chapter 3: backward passes inside accumulate whole (unsharded) gradients locally.
+
+        As torch's FSDP: this costs a full gradient's memory per unit until the next synced
+        backward, which reduce-scatters the sum of every micro-batch's gradient.
+        """
+        previous, self.require_sync = self.require_sync, False
+        try:
+            yield
+        finally:
+            self.require_sync = previous
+
+    def finish_gradient_synchronization(self) -> None:
+        """Chapter 3: after backward, check every unit that ran has reduced its gradients.
+
+        A unit that ran in forward but got no gradient (unused output) is freed and its
+        pieces keep ``grad=None``, as on one device. No communication here, so a unit
+        must be used by every rank or by none in a step.
+        """
+        if not self.require_sync:
+            raise RuntimeError(
+                "finish_gradient_synchronization() inside no_sync(): call it after the "
+                "backward that runs outside no_sync()"
+            )
+        for unit in self.all_units():
+            unit.ready.clear()
+            if unit.reduced:
+                continue
+            if any(st.full.grad is not None for st in unit.sharded.values()):
+                unit.reduce(self.group, self.counter, self.world_size)  # some pieces unused
+            else:
+                unit.free()
+                unit.reduced = True
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Chapter 3: clip by the global norm: each rank's pieces, summed over the group."""
+        return clip_grad_norm_([s for _, s in self.shard_parameters()], max_norm, self.group)
+
+    @torch.no_grad()
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """Chapter 3: every parameter, whole and fp32, by its original name (a collective)."""
+        out = {}
+        for unit in self.all_units():
+            for k, st in unit.sharded.items():
+                flat = torch.zeros(st.layout.padded, device=st.shard.device)  # (padded,) fp32
+                st.layout.shard(flat).copy_(st.shard)
+                C.ring_all_gather(flat, self.group)
+                for p, v in zip(unit.groups[k], st.layout.views(flat), strict=True):
+                    whole = v.clone()
+                    out.update({name: whole for name in self.names[id(p)]})
+        return out
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Chapter 3: the state dict of the unwrapped module (a collective)."""
+        state = self.full_parameters()
+        for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]:
+            state.setdefault(name, t.detach().clone())
+        return state
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Chapter 3: each rank copies its piece out of a full state dict (no communication)."""
+        for unit in self.all_units():
+            for k, st in unit.sharded.items():
+                tensors = [state[self.names[id(p)][0]] for p in unit.groups[k]]
+                flat = st.layout.flatten(tensors, st.shard)
+                st.shard.copy_(st.layout.shard(flat))
+        for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]:
+            t.copy_(state[name])
+
+    def memory_bytes(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        """Chapter 3: bytes this rank holds for parameters, gradients and optimizer state."""
+        shards = [s for _, s in self.shard_parameters()]
+        gathered = [st.buffer for u in self.all_units() for st in u.sharded.values()]
+        return {
+            "params": held_bytes(shards) + sum(b.untyped_storage().nbytes() for b in gathered),
+            "grads": held_bytes(s.grad for s in shards),
+            "optimizer": state_bytes(optimizer),
+        }
+
+    def _flat_groups(self) -> Iterator[tuple[_ShardedTensors, list[str]]]:
+        """Every flat group with the (first) names of its parameters."""
+        for unit in self.all_units():
+            for k, st in unit.sharded.items():
+                yield st, [self.names[id(p)][0] for p in unit.groups[k]]
+
+    def state_pieces(self, optimizer: torch.optim.Optimizer) -> tuple[Pieces, Shapes]:
+        """Chapter 3: each rank writes its fp32 pieces and their optimizer state, no gathering."""
+        first = dist.get_rank(self.group) == 0
+        pieces, shapes = replicated_pieces(self.module, optimizer, write=first)  # frozen, buffers
+        for st, names in self._flat_groups():
+            got, got_shapes = flat_state_pieces(st.layout, names, st.shard, optimizer, first)
+            pieces.update(got)
+            shapes.update(got_shapes)
+        return pieces, shapes
+
+    @torch.no_grad()
+    def load_state_pieces(
+        self, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Chapter 3: cut this rank's pieces out of whole tensors written at any world size."""
+        for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]:
+            t.copy_(tensors[f"model/{name}"])
+        for st, names in self._flat_groups():
+            whole = [tensors[f"model/{n}"] for n in names]
+            st.shard.copy_(st.layout.shard(st.layout.flatten(whole, st.shard)))
+            load_flat_optimizer_state(st.layout, names, st.shard, optimizer, tensors)
+
+
+# ---------------------------------------------------------------------------------------
+# The training loop's strategy: `python -m course_lib train --strategy zero3`
+# ---------------------------------------------------------------------------------------
+
+
+class Zero3Strategy(Strategy):
+    """Chapter 3: the data-parallel step on :class:`FullyShardedDataParallel` (ZeRO-3)."""
+
+    name = "zero3"
+
+    def __init__(self, ctx: Any = None, compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__(ctx)
+        self.compute_dtype = compute_dtype
+
+    def wrap(self, module: GPT, cfg: TrainConfig):
+        if not dist.is_initialized():
+            raise RuntimeError(
+                f"strategy {self.name!r} needs a process group: launch it with "
+                "run_distributed, torchrun or --world-size N"
+            )
+        fsdp = FullyShardedDataParallel(
+            module,
+            group=self.topology.dp_group,
+            compute_dtype=self.compute_dtype,
+            group_of=lambda p: int(p.dim() >= 2),  # 1: the 2-D weights AdamW decays
+        )
+        shards = fsdp.shard_parameters()
+        groups = [
+            {"params": [s for k, s in shards if k == 1], "weight_decay": cfg.weight_decay},
+            {"params": [s for k, s in shards if k == 0], "weight_decay": 0.0},
+        ]
+        return fsdp, torch.optim.AdamW(groups, **adamw_settings(cfg)), fsdp

@@ -265,3 +265,23 @@ def wrap_mismatched(ctx: DistContext, what: str) -> None:
     else:
         module = nn.Sequential(nn.Linear(3, 4), nn.Linear(5, 2))
     DataParallel(module)
+
+
+def fsdp_with_plain_adamw(ctx: DistContext) -> dict:
+    """FSDP trained as with torch's FSDP: ``torch.optim.AdamW(model.parameters())``."""
+    torch.set_num_threads(1)
+    model = FullyShardedDataParallel(build("gpt"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ref = build("gpt")
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for step in range(STEPS):
+        x, y = batch(step)
+        mine = x.chunk(ctx.world_size)[ctx.rank], y.chunk(ctx.world_size)[ctx.rank]
+        train_step(model, opt, model, *mine, lr=1e-2, grad_clip=0.0)
+        reference_step(ref, ref_opt, Case("zero3"), step, ctx.world_size)
+    full = model.full_state_dict()
+    return {
+        "n_params": len(list(model.parameters())),
+        "ours": torch.cat([full[n].reshape(-1) for n, _ in ref.named_parameters()]),
+        "ref": flat_params(ref),
+    }

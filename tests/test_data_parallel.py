@@ -191,3 +191,12 @@ def test_mismatched_models_are_named_on_every_rank(what):
     message = "parameter tensors per rank" if what == "count" else "parameter 2 differs"
     assert message in str(info.value)
     assert "same model" in str(info.value)
+
+
+def test_fsdp_trains_with_adamw_on_model_parameters_as_torch_fsdp_does():
+    """``torch.optim.AdamW(fsdp.parameters())``: the shards are registered parameters."""
+    results = run_distributed(W.fsdp_with_plain_adamw, 2, backend="gloo", timeout_s=120,
+                              threads_per_rank=1)  # fmt: skip
+    for rank, got in enumerate(results):
+        assert got["n_params"] > 0, f"rank {rank}: FSDP yields no parameters"
+        torch.testing.assert_close(got["ours"], got["ref"], rtol=RTOL, atol=ATOL)

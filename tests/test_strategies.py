@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -124,6 +125,54 @@ def test_sharded_checkpoint_resumes_bitwise(dataset, tmp_path, strategy):
         **launch,
     )
     assert _losses(resumed[0].metrics) == _losses(whole[0].metrics)
+
+
+@pytest.fixture(scope="module")
+def zero3_stopped(dataset, tmp_path_factory):
+    """ZeRO-3 at world size 2: the uninterrupted run, and a checkpoint written at step 3."""
+    out = tmp_path_factory.mktemp("zero3_w2")
+    kwargs = dict(model_config=MODEL, dataset=dataset, progress=False, backend="gloo",
+                  timeout_s=120, threads_per_rank=1)  # fmt: skip
+    whole = run_distributed(train_worker, 2, "zero3", train_config=CONFIG, **kwargs)[0]
+    stopped = TrainConfig(**{**CONFIG.__dict__, "stop_at": 3})
+    run_distributed(train_worker, 2, "zero3", train_config=stopped, out_dir=out, **kwargs)
+    return whole, out
+
+
+@pytest.mark.parametrize(
+    "strategy, world_size", [("zero3", 1), ("zero3", 3), ("single", 1), ("zero1", 3), ("dp", 2)]
+)
+def test_zero3_checkpoint_from_world_2_resumes_on_another_topology(
+    dataset, zero3_stopped, tmp_path, strategy, world_size
+):
+    """Each rank re-cuts the whole tensors for its new place: the run continues as if
+    never stopped (fp32 tolerance: the sums now run over another number of ranks)."""
+    whole, checkpoint = zero3_stopped
+    shutil.copytree(checkpoint, tmp_path, dirs_exist_ok=True)
+    kwargs = dict(model_config=MODEL, train_config=CONFIG, dataset=dataset, out_dir=tmp_path,
+                  resume=True, progress=False)  # fmt: skip
+    if strategy == "single":
+        resumed = train(**kwargs)
+    else:
+        resumed = run_distributed(train_worker, world_size, strategy, backend="gloo",
+                                  timeout_s=120, threads_per_rank=1, **kwargs)[0]  # fmt: skip
+    ours, ref = _losses(resumed.metrics), _losses(whole.metrics)
+    assert ours[0][:3] == ref[0][:3]  # the first 3 steps come from the checkpoint's metrics
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    final, ref_final = resumed.model.state_dict(), whole.model.state_dict()
+    for name in ref_final:
+        torch.testing.assert_close(final[name], ref_final[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_checkpoint_that_does_not_match_the_model_is_refused_by_name(dataset, zero3_stopped,
+                                                                       tmp_path):  # fmt: skip
+    _, checkpoint = zero3_stopped
+    shutil.copytree(checkpoint, tmp_path, dirs_exist_ok=True)
+    manifest = json.loads((tmp_path / "checkpoint" / "manifest.json").read_text())
+    del manifest["tensors"]["model/wte.weight"]
+    (tmp_path / "checkpoint" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="model/wte.weight"):
+        train(MODEL, CONFIG, dataset, out_dir=tmp_path, resume=True, progress=False)
 
 
 def _cli(*args: str, torchrun: bool = False) -> subprocess.CompletedProcess:

@@ -44,10 +44,22 @@ from course_lib.cost.comm_model import (  # noqa: F401
     fit_alpha_beta,
     predict,
 )
+
+# Every GPU number (peak FLOP/s, memory sizes) lives in the one table of hardware.py;
+# re-exported here under the names chapter 0's notebook uses (cm.GPU_MEMORY, ...).
+from course_lib.cost.hardware import (  # noqa: F401
+    A100_PEAK_BF16_FLOPS,
+    CONSUMER_GPU_BYTES,
+    GB,
+    GIB,
+    GPU_MEMORY,
+    H100_BYTES,
+    H100_PEAK_BF16_FLOPS,
+    H200_BYTES,
+)
+from course_lib.memory import held_bytes, state_bytes
 from course_lib.model import GPTConfig, loss_fn
 
-GIB = 2**30  # bytes in a gibibyte; all "GiB" in the course are 2**30 bytes
-GB = 10**9  # bytes in a gigabyte, as vendors quote HBM capacity
 SECONDS_PER_DAY = 86_400
 
 
@@ -332,33 +344,26 @@ def measure_saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.T
 
     Runs the forward under ``torch.autograd.graph.saved_tensors_hooks``; every tensor
     an op saves for backward passes through the pack hook. Several saved tensors can be
-    views of one storage (q, k and v of one qkv tensor), so storages are counted once,
-    keyed by ``untyped_storage().data_ptr()``, at their full size. Storages of the
-    model's parameters are left out: they are model state, not activations. The saved
-    tensors are kept referenced until the count is done so no address is reused.
+    views of one storage (q, k and v of one qkv tensor), so the count is
+    :func:`course_lib.memory.held_bytes`'s: each storage once, at its full size. Storages
+    of the model's parameters are left out: they are model state, not activations. The
+    saved tensors are kept referenced until the count is done so no address is reused.
     No backward runs; the graph is freed on return.
     """
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}  # data_ptr -> nbytes
-    kept: list[torch.Tensor] = []
+    saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in param_ptrs:
-            storages[ptr] = max(storages.get(ptr, 0), storage.nbytes())
-            kept.append(t)
+        if t.untyped_storage().data_ptr() not in param_ptrs:
+            saved.append(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = loss_fn(model(x), y)  # the loss is part of the measured graph
     del loss
-    kept.clear()
-    return sum(storages.values())
-
-
-def _tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    total = held_bytes(saved)
+    saved.clear()
+    return total
 
 
 def measure_model_state_bytes(
@@ -366,27 +371,29 @@ def measure_model_state_bytes(
 ) -> MemoryBreakdown:
     """Bytes the parameters, their gradients and the optimizer's state really hold (chapter 0).
 
-    Parameters are counted once each (``model.parameters()`` yields a tied weight once),
-    gradients for those that have a ``.grad``, and the optimizer's per-parameter state
-    tensors: after one step AdamW holds ``exp_avg`` and ``exp_avg_sq`` (the m and v of
-    :func:`training_memory`). AdamW also keeps a ``step`` counter per parameter tensor,
-    a 0-d fp32 tensor on CPU: 4 bytes per tensor (200 bytes for a 4-layer GPT), which
-    does not grow with the model. It is left out unless ``include_step``, so that the
-    measurement can equal the per-parameter formula exactly.
+    The course's one way to measure (:mod:`course_lib.memory`, as every strategy's
+    ``memory_bytes``): :func:`~course_lib.memory.held_bytes` of the parameters (a tied
+    weight is one storage, counted once) and of the gradients that exist, and
+    :func:`~course_lib.memory.state_bytes` of the optimizer: after one step AdamW holds
+    ``exp_avg`` and ``exp_avg_sq`` (the m and v of :func:`training_memory`). AdamW also
+    keeps a ``step`` counter per parameter tensor, a 0-d fp32 tensor on CPU: 4 bytes per
+    tensor (200 bytes for a 4-layer GPT), which does not grow with the model. Such 0-d
+    counters are left out unless ``include_step``, so that the measurement can equal the
+    per-parameter formula exactly.
     """
     params = list(model.parameters())
-    grads = sum(_tensor_bytes(p.grad) for p in params if p.grad is not None)
-    state_bytes = 0
+    optimizer_bytes = 0
     if optimizer is not None:
-        for state in optimizer.state.values():
-            for key, value in state.items():
-                if not isinstance(value, torch.Tensor):
-                    continue
-                if key == "step" and not include_step:
-                    continue
-                state_bytes += _tensor_bytes(value)
+        optimizer_bytes = state_bytes(optimizer)
+        if include_step:  # state_bytes leaves out the 0-d per-tensor counters
+            counters = [t for s in optimizer.state.values() for t in s.values()]
+            optimizer_bytes += sum(
+                t.element_size() for t in counters if torch.is_tensor(t) and t.dim() == 0
+            )
     return MemoryBreakdown(
-        params=sum(_tensor_bytes(p) for p in params), grads=grads, optimizer=state_bytes
+        params=held_bytes(params),
+        grads=held_bytes(p.grad for p in params),
+        optimizer=optimizer_bytes,
     )
 
 
@@ -434,16 +441,7 @@ MODEL_SHAPES: tuple[ModelShape, ...] = (
     ModelShape("70B (Llama-2-70B)", 70_000_000_000, 80, 8192, 64, 4096, "[Llama2]"),
 )
 
-CONSUMER_GPU_BYTES = 24 * GIB  # RTX 3090 / 4090 class
-H100_BYTES = 80 * GIB  # H100 SXM "80 GB" (nvidia-smi: 81,559 MiB, i.e. 79.6 GiB)
-H200_BYTES = 141 * GB  # H200 "141 GB" (nvidia-smi: 143,771 MiB, about 140 GiB)
-GPU_MEMORY: dict[str, int] = {
-    "24 GiB consumer GPU": CONSUMER_GPU_BYTES,
-    "H100 (80 GB)": H100_BYTES,
-    "H200 (141 GB)": H200_BYTES,
-}
-H100_PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16 tensor-core peak, FLOP/s (no sparsity)
-A100_PEAK_BF16_FLOPS = 312e12  # A100 dense bf16 tensor-core peak, FLOP/s (no sparsity)
+# Devices (GPU_MEMORY, H100_BYTES, peak FLOP/s): imported above from cost/hardware.py.
 
 
 # ---------------------------------------------------------------------------------------

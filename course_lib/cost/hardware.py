@@ -1,7 +1,10 @@
-"""Peak FLOP/s of common GPUs, and model FLOPs utilisation (MFU).
+"""The one table of GPU facts the course quotes: peak FLOP/s, memory, and MFU.
 
-Chapter 0 uses this to turn a measured tokens/s into MFU: the fraction of the card's
-peak that the model's useful FLOPs (``model.flops_per_token``) reach,
+Every GPU number in the course comes from here (``cost_model`` re-exports the ones
+chapter 0's notebook uses by name): peak FLOP/s per dtype (:func:`peak_flops`) and
+memory sizes (:data:`GPU_MEMORY`). Chapter 0 turns a measured tokens/s into MFU: the
+fraction of the card's peak that the model's useful FLOPs (``model.flops_per_token``)
+reach,
 
     MFU = flops_per_token * tokens_per_s / peak_flops.
 
@@ -12,6 +15,11 @@ exactly twice the dense ones and are halved here. bf16/fp16 are with fp32 accumu
 which is what PyTorch's matmuls use. "tf32" is the tensor-core rate that fp32 matmuls get
 under ``torch.set_float32_matmul_precision('high')``; "fp32" is the plain CUDA-core rate.
 SXM/NVL/PCIe parts of one chip differ in clocks and power, hence in peak.
+
+The H100 SXM row (and its same-die, same-clock siblings H200 SXM, H800 SXM, GH200) is
+the Hopper whitepaper's unrounded figure, 989.4 TFLOP/s bf16 dense = 132 SMs x 4 tensor
+cores x 1024 FLOP/clock x 1.83 GHz; the datasheet's "1,979 teraFLOPS" with sparsity is
+twice that, rounded (halving it would give 989.5, a rounding artefact).
 """
 
 from __future__ import annotations
@@ -35,18 +43,21 @@ class GPUPeak:
 
 
 _DS = "NVIDIA datasheet, sparse figures halved"
+# H100 SXM5 dense, NVIDIA H100 Tensor Core GPU Architecture whitepaper (2022), Table 3:
+# bf16 = fp16 = 989.4 (datasheet: 1,979 with sparsity), tf32 494.7, fp32 66.9 TFLOP/s.
+_HOPPER_WP = "NVIDIA H100 whitepaper Table 3 (H100 SXM5), dense"
 # Ordered: the first pattern that matches the normalised device name wins, so the more
 # specific variants (PCIe, NVL) come before the bare chip name (which means SXM).
 _TABLE: tuple[tuple[str, GPUPeak], ...] = (
     (r"\bb200\b", GPUPeak("B200", 2250.0, 2250.0, 1100.0, 75.0, "HGX B200 datasheet, per GPU")),
-    (r"\bgh200\b", GPUPeak("GH200", 989.5, 989.5, 494.7, 67.0, _DS)),
+    (r"\bgh200\b", GPUPeak("GH200", 989.4, 989.4, 494.7, 66.9, _HOPPER_WP)),
     (r"\bh200\b.*\bnvl\b", GPUPeak("H200 NVL", 835.5, 835.5, 417.5, 60.0, _DS)),
-    (r"\bh200\b", GPUPeak("H200 SXM", 989.5, 989.5, 494.7, 67.0, _DS)),  # H100 SXM's die
+    (r"\bh200\b", GPUPeak("H200 SXM", 989.4, 989.4, 494.7, 66.9, _HOPPER_WP)),  # H100 SXM's die
     (r"\bh100\b.*\bnvl\b", GPUPeak("H100 NVL", 835.5, 835.5, 417.5, 60.0, _DS)),
     (r"\bh100\b.*\bpcie\b", GPUPeak("H100 PCIe", 756.5, 756.5, 378.0, 51.0, _DS)),
-    (r"\bh100\b", GPUPeak("H100 SXM", 989.5, 989.5, 494.7, 67.0, _DS)),  # "H100 80GB HBM3"
+    (r"\bh100\b", GPUPeak("H100 SXM", 989.4, 989.4, 494.7, 66.9, _HOPPER_WP)),  # "H100 80GB HBM3"
     (r"\bh800\b.*\bpcie\b", GPUPeak("H800 PCIe", 756.5, 756.5, 378.0, 51.0, _DS)),
-    (r"\bh800\b", GPUPeak("H800 SXM", 989.5, 989.5, 494.7, 67.0, _DS)),
+    (r"\bh800\b", GPUPeak("H800 SXM", 989.4, 989.4, 494.7, 66.9, _HOPPER_WP)),
     (r"\ba100\b", GPUPeak("A100", 312.0, 312.0, 156.0, 19.5, _DS)),  # SXM and PCIe alike
     (r"\ba40\b", GPUPeak("A40", 149.7, 149.7, 74.8, 37.4, _DS)),
     (r"\ba30\b", GPUPeak("A30", 165.0, 165.0, 82.0, 10.3, _DS)),
@@ -130,3 +141,24 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
             f"flops_per_token and tokens_per_s must be >= 0, got {flops_per_token}, {tokens_per_s}"
         )
     return flops_per_token * tokens_per_s / peak
+
+
+# ---------------------------------------------------------------------------------------
+# Memory: the device sizes chapters 0 and 3 compare the training state with
+# ---------------------------------------------------------------------------------------
+
+GIB = 2**30  # bytes in a gibibyte; all "GiB" in the course are 2**30 bytes
+GB = 10**9  # bytes in a gigabyte, as vendors quote HBM capacity
+
+CONSUMER_GPU_BYTES = 24 * GIB  # RTX 3090 / 4090 class
+H100_BYTES = 80 * GIB  # H100 SXM "80 GB" (nvidia-smi: 81,559 MiB, i.e. 79.6 GiB)
+H200_BYTES = 141 * GB  # H200 "141 GB" (nvidia-smi: 143,771 MiB, about 140 GiB)
+GPU_MEMORY: dict[str, int] = {
+    "24 GiB consumer GPU": CONSUMER_GPU_BYTES,
+    "H100 (80 GB)": H100_BYTES,
+    "H200 (141 GB)": H200_BYTES,
+}
+
+# The two peaks chapter 0 quotes by name, read from the table above (FLOP/s).
+H100_PEAK_BF16_FLOPS = peak_flops("H100 SXM", "bf16")  # 989.4e12
+A100_PEAK_BF16_FLOPS = peak_flops("A100", "bf16")  # 312e12

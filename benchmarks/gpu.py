@@ -34,11 +34,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from course_lib.cost.hardware import lookup_gpu, mfu, peak_flops
+from course_lib.cost.cost_model import PRECISIONS
+from course_lib.cost.hardware import GIB, lookup_gpu, mfu, peak_flops
 from course_lib.model import GPT, GPTConfig, count_parameters, flops_per_token, loss_fn
 
-GiB = 2**30
-ADAMW_BYTES_PER_PARAM = 16  # fp32 param 4 + grad 4 + Adam m 4 + v 4 (autocast keeps fp32 params)
+# fp32 param 4 + grad 4 + Adam m, v 8 = 16 (autocast keeps fp32 params): chapter 0's rule
+ADAMW_BYTES_PER_PARAM = PRECISIONS["fp32"].total
 
 
 def gpt2_small() -> GPTConfig:
@@ -235,8 +236,8 @@ def format_table(eager: RunResult, compiled: RunResult | None, formula_bytes: in
         ("MFU", "mfu", 0.01, ".1f"),
         ("first step (s)", "first_step_s", 1.0, ".2f"),
         ("compile time (s)", "compile_s", 1.0, ".2f"),
-        ("peak memory (GiB)", "peak_mem_bytes", GiB, ".2f"),
-        ("held after step (GiB)", "state_mem_bytes", GiB, ".3f"),
+        ("peak memory (GiB)", "peak_mem_bytes", GIB, ".2f"),
+        ("held after step (GiB)", "state_mem_bytes", GIB, ".3f"),
     ]
     r = ratios(eager, compiled)
     lines = [f"{'metric':<24}{'eager':>12}{'compiled':>12}{'compiled/eager':>16}"]
@@ -246,7 +247,7 @@ def format_table(eager: RunResult, compiled: RunResult | None, formula_bytes: in
         c = "-" if compiled is None else _fmt(getattr(compiled, field), scale, spec)
         ratio = _fmt(r.get(field), 1.0, ".2f")
         lines.append(f"{label:<24}{e:>12}{c:>12}{ratio:>16}")
-    formula = f"{formula_bytes / GiB:.3f}"
+    formula = f"{formula_bytes / GIB:.3f}"
     lines.append(f"{'AdamW 16 B/param (GiB)':<24}{formula:>12}{formula:>12}{'':>16}")
     lines.append(
         "(compiled/eager: < 1 on time and memory, > 1 on tokens/s and MFU, means compile helps;"

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from course_lib.checkpoint import MANIFEST
 from course_lib.data import (
     ByteDataset,
     decode,
@@ -96,7 +97,11 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--out", type=Path, default=Path("runs/train"), help="output directory")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint/ (any strategy or world size wrote it)",
+    )
     g.add_argument(
         "--checkpoint-interval", type=int, default=0, help="steps per checkpoint; 0 = at the end"
     )
@@ -135,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train the GPT on bytes and report loss against the unigram entropy",
         description="Train the course's GPT on a byte corpus; write metrics.json, "
-        "checkpoint.pt and loss.png to --out, then print a summary and a sample.",
+        "checkpoint/ and loss.png to --out, then print a summary and a sample.",
         formatter_class=Formatter,
     )
     for add in (_add_model_args, _add_train_args, _add_data_args, _add_run_args):
@@ -165,8 +170,9 @@ def _check_launch(args: argparse.Namespace, error: Callable[[str], NoReturn]) ->
         error(f"--world-size must be >= 1, got {args.world_size}")
     if args.device == "cuda" and not torch.cuda.is_available():
         error("--device cuda but torch sees no CUDA GPU; use --device cpu or auto")
-    if args.resume and not (args.out / CHECKPOINT_NAME).is_file():
-        error(f"--resume but there is no {args.out / CHECKPOINT_NAME}; run without --resume")
+    if args.resume and not (args.out / CHECKPOINT_NAME / MANIFEST).is_file():
+        error(f"--resume but there is no checkpoint in {args.out / CHECKPOINT_NAME}; "
+              "run without --resume")  # fmt: skip
     under_torchrun = _torchrun_env_present()
     if under_torchrun:
         world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -47,7 +47,7 @@ def test_help_documents_every_option():
 def test_tiny_run_writes_outputs_and_prints_summary_and_sample(tmp_path):
     result = _run(*TINY_ARGS, "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    for name in ("metrics.json", "loss.png", "checkpoint.pt"):
+    for name in ("metrics.json", "loss.png", "checkpoint/manifest.json"):
         assert (tmp_path / name).is_file(), name
     assert len(json.loads((tmp_path / "metrics.json").read_text())["metrics"]) == 6
     out = result.stdout

@@ -9,6 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from course_lib.cost.cost_model import (
     GIB,
     H100_BYTES,
+    H100_PEAK_BF16_FLOPS,
     PRECISIONS,
     MemoryBreakdown,
     activation_bytes,
@@ -235,8 +236,9 @@ def test_chinchilla_70b_on_h100s() -> None:
     n = 70_000_000_000
     tokens = chinchilla_tokens(n)
     assert tokens == 1_400_000_000_000
-    one = training_time_days(tokens, flops_per_token_6n(n), 989e12, mfu=0.4)
-    many = training_time_days(tokens, flops_per_token_6n(n), 989e12, mfu=0.4, n_devices=1024)
+    peak = H100_PEAK_BF16_FLOPS  # hardware.py's table: 989.4 TFLOP/s dense bf16
+    one = training_time_days(tokens, flops_per_token_6n(n), peak, mfu=0.4)
+    many = training_time_days(tokens, flops_per_token_6n(n), peak, mfu=0.4, n_devices=1024)
     assert 16_000 < one < 18_000  # about 47 years
     assert 16 < many < 18 and one / many == pytest.approx(1024)
 

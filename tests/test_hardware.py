@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from course_lib.cost import cost_model, hardware
 from course_lib.cost.hardware import lookup_gpu, mfu, peak_flops
 from course_lib.model import GPTConfig, flops_per_token
 
@@ -85,3 +86,18 @@ def test_mfu_refuses_bad_inputs():
         mfu(1e9, 1e5, 0.0)
     with pytest.raises(ValueError, match=">= 0"):
         mfu(1e9, -1.0, 1e15)
+
+
+def test_h100_sxm_peak_is_the_whitepapers_unrounded_figure():
+    # 132 SMs x 4 tensor cores x 1024 bf16 FLOP/clock x 1.83 GHz; the datasheet's
+    # "1,979 teraFLOPS" with sparsity is twice this, rounded.
+    assert round(132 * 4 * 1024 * 1.83e9 / 1e12, 1) == lookup_gpu("NVIDIA H100 80GB HBM3").bf16
+    assert round(2 * lookup_gpu("NVIDIA H100 80GB HBM3").bf16) == 1979
+
+
+def test_named_constants_are_read_from_the_one_table():
+    assert cost_model.H100_PEAK_BF16_FLOPS == peak_flops("NVIDIA H100 80GB HBM3", "bf16")
+    assert cost_model.A100_PEAK_BF16_FLOPS == peak_flops("NVIDIA A100-SXM4-80GB", "bf16")
+    assert cost_model.GPU_MEMORY is hardware.GPU_MEMORY
+    assert cost_model.H100_BYTES == hardware.GPU_MEMORY["H100 (80 GB)"] == 80 * 2**30
+    assert cost_model.GIB == hardware.GIB == 2**30

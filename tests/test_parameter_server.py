@@ -209,7 +209,7 @@ def test_cli_trains_with_ps_sync_on_three_ranks(tmp_path):
     run = subprocess.run([sys.executable, "-m", "course_lib", *args, "--world-size", "3"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert "validation loss" in run.stdout and (tmp_path / "checkpoint.pt").is_file()
+    assert "validation loss" in run.stdout and (tmp_path / "checkpoint" / "manifest.json").is_file()
 
 
 def test_cli_refuses_a_parameter_server_without_workers(tmp_path, capsys):
@@ -233,7 +233,7 @@ def test_grader_names_step_rank_parameter_and_the_likely_mistake(tmp_path, monke
     from course_lib.grading.ch04_parameter_server import grade_sync_round
 
     (tmp_path / "too_far.py").write_text(
-        "from course_lib import parameter_server as P\n\n\n"
+        "from course_lib.parallel import parameter_server as P\n\n\n"
         "def sync_round(shard, workers, lr):  # sums instead of averaging\n"
         "    return P.sync_round(shard, workers, lr * len(workers))\n"
     )

@@ -22,6 +22,7 @@ from course_lib.parallel.fsdp import FullyShardedDataParallel
 from course_lib.parallel.zero import ZeroRedundancyOptimizer, zero_memory_formula
 from course_lib.topology import Topology
 from course_lib.train import TrainConfig, adamw_settings, build_model, optimizer_groups
+from course_lib.viz.palette import PALETTE  # plain strings: no matplotlib on the ranks
 
 if TYPE_CHECKING:  # the spawned ranks never import matplotlib
     from matplotlib.axes import Axes
@@ -29,9 +30,8 @@ if TYPE_CHECKING:  # the spawned ranks never import matplotlib
 
 STAGES = ("dp", "zero1", "zero2", "zero3")  # plain data parallelism, then ZeRO stages 1-3
 STAGE_NUMBER = {"dp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
-KINDS = ("params", "grads", "optimizer")
+KINDS = ("params", "grads", "optimizer")  # coloured by PALETTE[kind], as in every chapter
 LR = 1e-4  # AdamW learning rate of the equivalence runs (constant: no warmup, no decay)
-COLORS = {"params": "#4C72B0", "grads": "#DD8452", "optimizer": "#55A868"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def plot_who_holds_what(world_size: int = 4) -> Figure:
                 w = widths[kind] / n
                 for piece in range(n):
                     held = not sharded[kind] or piece == r
-                    color = COLORS[kind] if held else "#EEEEEE"
+                    color = PALETTE[kind] if held else PALETTE["absent"]
                     ax.add_patch(plt.Rectangle((x0 + piece * w, r), w, 0.8, color=color, ec="w"))
                 x0 += widths[kind] + 0.4
         held = sum(widths[k] / (n if sharded[k] else 1) for k in KINDS)
@@ -250,10 +250,12 @@ def plot_measured_memory(results: dict[int, list[dict]], moment: str = "after st
             bottom, total = 0.0, 0.0
             for kind in KINDS:
                 mib = r0["memory"][moment][kind] / 2**20
-                ax.bar(i, mib, bottom=bottom, color=COLORS[kind], label=kind if i == 0 else None)
+                label = kind if i == 0 else None
+                ax.bar(i, mib, bottom=bottom, color=PALETTE[kind], label=label)
                 bottom += mib
             total = sum(predicted_memory(r0["psi"], n, stage).values()) / 2**20
-            ax.bar(i, total, fill=False, ec="black", lw=1.5, label="formula" if i == 0 else None)
+            formula = "formula" if i == 0 else None
+            ax.bar(i, total, fill=False, ec=PALETTE["predicted"], lw=1.5, label=formula)
         ax.set_xticks(range(len(worlds)), [f"N={n}" for n in worlds])
         ax.set_title(stage)
     axes[0].set_ylabel(f"MiB held by rank 0 ({moment})")
@@ -273,10 +275,12 @@ def plot_bytes_sent(results: dict[int, list[dict]], ax: Axes | None = None) -> F
     for i, stage in enumerate(STAGES):
         psi = results[worlds[0]][0][stage]["psi"]
         sent = [max(r[stage]["bytes_sent"] for r in results[n]) / (4 * psi) for n in worlds]
-        ax.plot(worlds, sent, "o", color=f"C{i}", label=f"{stage} (measured)", ms=8 - 1.5 * i)
+        style = dict(color=PALETTE[stage], label=f"{stage} (measured)", ms=8 - 1.5 * i)
+        ax.plot(worlds, sent, "o", **style)
     nn = np.linspace(1, max(worlds), 50)
-    ax.plot(nn, 2 * (nn - 1) / nn, "k--", lw=1, label="2(N-1)/N")
-    ax.plot(nn, 3 * (nn - 1) / nn, "k:", lw=1, label="3(N-1)/N")
+    formula = dict(color=PALETTE["predicted"], lw=1)
+    ax.plot(nn, 2 * (nn - 1) / nn, "--", label="2(N-1)/N", **formula)
+    ax.plot(nn, 3 * (nn - 1) / nn, ":", label="3(N-1)/N", **formula)
     ax.set_xlabel("ranks N")
     ax.set_ylabel("bytes sent per rank per step / (4 Psi)")
     ax.set_title("The communication price of each stage")

@@ -23,8 +23,10 @@ from course_lib.parallel.parameter_server import (
     PUSH,
     ParameterServer,
     PSConfig,
+    flat_of,
     message,
     sync_round,
+    unflat_into,
 )
 from course_lib.train import TrainConfig, build_model, lr_at, train
 
@@ -102,7 +104,7 @@ def allreduce_worker(
     for slowdown in slowdowns:
         model = build_model(model_config, cfg.seed, "cpu")
         params = [p for p in model.parameters() if p.requires_grad]
-        counter, flat = C.CommCounter(), torch.cat([p.detach().reshape(-1) for p in params])
+        counter, flat = C.CommCounter(), flat_of(params)  # (P,)
         dist.barrier()
         start, snaps = time.perf_counter(), [(0.0, 0, flat.clone())]
         for step in range(-(-n_grads // n)):
@@ -114,11 +116,11 @@ def allreduce_worker(
             loss_fn(model(x), y).backward()
             step_s = time.perf_counter() - t0 + delay_s
             time.sleep(delay_s + (slowdown - 1) * step_s * (ctx.rank == 0))
-            grad = torch.cat([p.grad.reshape(-1) for p in params])  # (P,)
+            grad = flat_of([p.grad for p in params])  # (P,)
             C.ring_all_reduce(grad, counter=counter)
             with torch.no_grad():
                 flat.add_(grad / n, alpha=-lr_at(step, cfg))
-                torch.nn.utils.vector_to_parameters(flat, params)
+                unflat_into(flat, params)
             if ((step + 1) * n) % every == 0:
                 snaps.append((time.perf_counter() - start, (step + 1) * n, flat.clone()))
         wall = time.perf_counter() - start
@@ -138,7 +140,7 @@ def bytes_worker(ctx: DistContext, model_config: GPTConfig, train_config: TrainC
     workers = dist.new_group(strategy.workers)  # every rank calls new_group
     counter = C.CommCounter()
     if not strategy.is_server:
-        grad = torch.cat([p.grad.reshape(-1) for p in strategy.params])  # (P,)
+        grad = flat_of([p.grad for p in strategy.params])  # (P,)
         C.ring_all_reduce(grad, group=workers, counter=counter)
     dist.barrier()
     c = strategy.counter
@@ -160,7 +162,7 @@ def val_curve(
                for i in range(cfg.eval_batches)]  # fmt: skip
     out = []
     for seconds, grads, flat in snaps:
-        torch.nn.utils.vector_to_parameters(flat, params)
+        unflat_into(flat, params)
         loss = sum(loss_fn(model(x), y).item() for x, y in batches) / len(batches)
         out.append((seconds, grads, loss))
     return out

@@ -1,23 +1,28 @@
-"""Chapter 2's grader: the learner's bucketed gradient hook, on real ranks, vs one device.
+"""Chapter 2's grader: the learner's bucketed gradient hook inside DataParallel, vs one device.
 
-The learner writes two functions in a module of their own (``%%writefile my_buckets.py``),
-the two halves of :meth:`course_lib.parallel.data_parallel.DataParallel._grad_ready`:
+The learner writes, in a module of their own (``%%writefile my_buckets.py``), the two
+functions that :class:`course_lib.parallel.data_parallel.DataParallel` runs in overlapped
+mode (the library's are :func:`~course_lib.parallel.data_parallel.grad_ready` and
+:func:`~course_lib.parallel.data_parallel.launch_ready_buckets`):
 
 - ``grad_ready(state, p)``: runs inside backward once ``p.grad`` is complete; copies it
   into its slot of its bucket, marks it ready, then calls ``launch_ready_buckets``;
 - ``launch_ready_buckets(state)``: starts, in index order, the asynchronous all-reduce of
   every bucket whose gradients are all in, and stores the ``Work`` in ``bucket.work``.
 
-``state`` is a :class:`HookState`. The grader's harness (a small DataParallel) registers
-``grad_ready`` as each parameter's post-accumulate-grad hook, watches every all-reduce
-the learner starts, finishes the step like DataParallel does, and compares every
+``state`` is the DataParallel itself. The grader wraps its toy model in
+``DataParallel(model, "overlapped", cap, grad_ready=..., launch_ready_buckets=...)`` with
+the learner's functions injected, as chapter 4's grader injects ``server_round``: the
+library's hook calls ``grad_ready`` during backward and its
+``finish_gradient_synchronization`` calls ``launch_ready_buckets`` once every gradient
+is in. The grader watches every all-reduce the learner starts and compares every
 gradient and parameter with the single-device reference, naming the one that differs.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,30 +32,10 @@ from torch import nn
 
 from course_lib.grading.core import ATOL, RTOL, import_learner, stub_error
 from course_lib.launch import RankError, run_distributed
-from course_lib.parallel.data_parallel import Bucket, make_buckets
+from course_lib.parallel.data_parallel import DataParallel
 
 VOCAB, WIDTH, HIDDEN = 11, 6, 13  # odd sizes on purpose
 GLOBAL_BATCH, SEQ = 12, 5  # 12 sequences: divisible by 1, 2, 3 and 4 ranks
-
-
-@dataclass
-class HookState:
-    """Chapter 2: what the bucketed gradient hook reads and updates (a DataParallel's state)."""
-
-    buckets: list[Bucket]  # in launch order: bucket 0 holds the last layers' gradients
-    where: dict[int, tuple[int, int]]  # id(param) -> (bucket index, index within bucket)
-    group: dist.ProcessGroup | None = None  # the group to all-reduce over (None: world)
-    next_bucket: int = 0  # the first bucket not started yet in this step
-    names: dict[int, str] = field(default_factory=dict)  # id(param) -> name, for messages
-
-
-def make_hook_state(module: nn.Module, bucket_cap_mb: float, group=None) -> HookState:
-    """Chapter 2: buckets over ``module``'s trainable parameters in backward (reverse) order."""
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    buckets = make_buckets(list(reversed(trainable)), bucket_cap_mb)
-    where = {id(p): (b, i) for b, k in enumerate(buckets) for i, p in enumerate(k.params)}
-    names = {id(p): n for n, p in module.named_parameters()}
-    return HookState(buckets, where, group, 0, names)
 
 
 class ToyNet(nn.Module):
@@ -73,6 +58,27 @@ class ToyNet(nn.Module):
         return F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
 
 
+def _describe_worker(ctx, bucket_cap_mb: float) -> list[dict[str, Any]]:
+    """One rank: the buckets DataParallel cuts :class:`ToyNet` into, in launch order."""
+    model = ToyNet()
+    dp = DataParallel(model, "overlapped", bucket_cap_mb)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [
+        {"bucket": b, "bytes": k.nbytes, "offsets": k.offsets,
+         "names": [names[id(p)] for p in k.params]}
+        for b, k in enumerate(dp.buckets)
+    ]  # fmt: skip
+
+
+def toy_buckets(bucket_cap_mb: float) -> list[dict[str, Any]]:
+    """Chapter 2: the grader's buckets, as ``DataParallel`` builds them on one rank.
+
+    One row per bucket, bucket 0 (the last layers' gradients) first: its index, its
+    buffer's bytes, each parameter's offset into the buffer and the parameters' names.
+    """
+    return run_distributed(_describe_worker, 1, bucket_cap_mb, timeout_s=60)[0]
+
+
 def _batch(step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``[rank * b, (rank + 1) * b)`` of step ``step``'s global batch."""
     gen = torch.Generator().manual_seed(100 + step)
@@ -85,18 +91,27 @@ def _batch(step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.T
 class _Watch:
     """Checks each all-reduce the learner starts, then starts it (installed in the rank)."""
 
-    def __init__(self, state: HookState, real: Any) -> None:
-        self.state, self.real = state, real
-        self.by_ptr = {k.buffer.data_ptr(): b for b, k in enumerate(state.buckets)}
+    def __init__(self, real: Any, names: dict[int, str]) -> None:
+        self.real, self.names = real, names
+        self.dp: DataParallel | None = None  # set by bind(), once DataParallel is built
         self.launched: list[int] = []
         self.in_backward = False
         self.during_backward = 0  # buckets started while backward ran
+
+    def bind(self, dp: DataParallel) -> None:
+        self.dp = dp
+        self.by_ptr = {k.buffer.data_ptr(): b for b, k in enumerate(dp.buckets)}
 
     def __call__(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         index = self.by_ptr.get(tensor.data_ptr())
         if index is None:
             raise AssertionError("all_reduce got a tensor that is no bucket's buffer")
-        if index != len(self.launched):
+        if index < len(self.launched):
+            raise AssertionError(
+                f"bucket {index} started twice in one step: advance state.next_bucket "
+                "past each bucket you start"
+            )
+        if index > len(self.launched):
             raise AssertionError(
                 f"bucket {index} started before bucket {len(self.launched)}: every rank "
                 "must start its buckets in index order, or the all-reduces pair up wrongly"
@@ -109,55 +124,69 @@ class _Watch:
         return self.real(tensor, *args, **kwargs)
 
     def _check_full(self, index: int) -> None:
-        bucket = self.state.buckets[index]
-        for i, (p, start) in enumerate(zip(bucket.params, bucket.offsets, strict=True)):
-            name = self.state.names[id(p)]
+        bucket = self.dp.buckets[index]
+        for i, p in enumerate(bucket.params):
             if i not in bucket.ready:
                 raise AssertionError(
-                    f"bucket {index} started before the gradient of {name!r} was in it: "
-                    "start a bucket only when all its parameters are ready"
+                    f"bucket {index} started before the gradient of {self.names[id(p)]!r} "
+                    "was in it: start a bucket only when all its parameters are ready"
                 )
+        self.check_slices(index)
+
+    def check_slices(self, index: int) -> None:
+        """The buffer holds each ready parameter's gradient (zeros for none) at its offset."""
+        bucket = self.dp.buckets[index]
+        for i, (p, start) in enumerate(zip(bucket.params, bucket.offsets, strict=True)):
+            if i not in bucket.ready:
+                continue
             want = p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
             if not torch.equal(bucket.buffer[start : start + p.numel()], want):
                 raise AssertionError(
-                    f"bucket {index} started with a wrong slice for {name!r}: copy p.grad "
-                    "into bucket.buffer[offset : offset + p.numel()], offset = "
+                    f"bucket {index} holds a wrong slice for {self.names[id(p)]!r}: copy "
+                    "p.grad into bucket.buffer[offset : offset + p.numel()], offset = "
                     "bucket.offsets[i]"
                 )
 
+    def after_backward(self, step: int) -> str | None:
+        """Every gradient backward produced is marked ready and copied; full buckets started."""
+        for b, bucket in enumerate(self.dp.buckets):
+            for i, p in enumerate(bucket.params):
+                if p.grad is not None and i not in bucket.ready:
+                    return (
+                        f"step {step}: after backward, the gradient of {self.names[id(p)]!r} "
+                        "is not marked ready: grad_ready must add its index i to bucket.ready"
+                    )
+            if b >= len(self.launched):  # started buckets were checked when they started
+                self.check_slices(b)
+        full = 0  # leading buckets with every gradient in
+        for bucket in self.dp.buckets:
+            if len(bucket.ready) < len(bucket.params):
+                break
+            full += 1
+        if self.during_backward < full:
+            return (
+                f"step {step}: {full} bucket(s) were full during backward but only "
+                f"{self.during_backward} started then: start each bucket as soon as "
+                "it is full (that is the overlap)"
+            )
+        return None
 
-def _finish(state: HookState, launch: Any, world_size: int) -> None:
-    """The harness' finish_gradient_synchronization: fill, start the rest, wait, average."""
-    with torch.no_grad():
-        for bucket in state.buckets:
-            for i, (p, start) in enumerate(zip(bucket.params, bucket.offsets, strict=True)):
-                if i not in bucket.ready:  # no gradient this step: send zeros
-                    bucket.buffer[start : start + p.numel()].zero_()
-                    bucket.ready.add(i)
-        launch(state)
-        for b, bucket in enumerate(state.buckets):
-            if bucket.work is None:
-                raise AssertionError(
-                    f"bucket {b} has no work after launch_ready_buckets with every gradient "
-                    "in: start each ready bucket and store its Work in bucket.work"
-                )
-            bucket.work.wait()
-            bucket.buffer.div_(world_size)
-            for p, start in zip(bucket.params, bucket.offsets, strict=True):
-                p.grad = bucket.buffer[start : start + p.numel()].view_as(p).clone()
-            bucket.ready.clear()
-            bucket.work = None
-        state.next_bucket = 0
 
-
-def _full_in_backward(state: HookState) -> int:
-    """How many leading buckets had every gradient in when backward returned."""
-    count = 0
-    for bucket in state.buckets:
-        if len(bucket.ready) < len(bucket.params):
-            break
-        count += 1
-    return count
+def _launch_in_finish(launch: Any, watch: _Watch, state: DataParallel) -> None:
+    """``finish_gradient_synchronization``'s call, every gradient in: all buckets must start."""
+    launch(state)
+    if len(watch.launched) < len(state.buckets):
+        raise AssertionError(
+            f"with every gradient in, launch_ready_buckets started buckets up to "
+            f"{len(watch.launched) - 1} of {len(state.buckets)}: start every full bucket, "
+            "in index order, advancing state.next_bucket"
+        )
+    for b, bucket in enumerate(state.buckets):
+        if bucket.work is None:
+            raise AssertionError(
+                f"bucket {b} has no work after launch_ready_buckets with every gradient "
+                "in: store the Work that all_reduce returns in bucket.work"
+            )
 
 
 def _compare(model: nn.Module, ref: nn.Module, what: str, step: int) -> list[str]:
@@ -178,7 +207,7 @@ def _compare(model: nn.Module, ref: nn.Module, what: str, step: int) -> list[str
 
 
 def _grade_worker(ctx, cwd: str, module_name: str, bucket_caps_mb: list[float], steps: int):
-    """One rank: for each cap, ``steps`` SGD steps with the learner's hook, beside the reference."""
+    """One rank: for each cap, ``steps`` SGD steps of DataParallel running the learner's hook."""
     learner = import_learner(cwd, module_name)
     real = dist.all_reduce
     report = []
@@ -187,30 +216,26 @@ def _grade_worker(ctx, cwd: str, module_name: str, bucket_caps_mb: list[float], 
         model = ToyNet()
         torch.manual_seed(0)
         ref = ToyNet()
-        state = make_hook_state(model, cap)
-        watch = _Watch(state, real)
-        dist.all_reduce = watch  # the learner calls dist.all_reduce: watch it
+        watch = _Watch(real, {id(p): n for n, p in model.named_parameters()})
+        launch = functools.partial(_launch_in_finish, learner.launch_ready_buckets, watch)
+        dp = DataParallel(model, "overlapped", cap, grad_ready=learner.grad_ready,
+                          launch_ready_buckets=launch)  # fmt: skip
+        watch.bind(dp)
+        dist.all_reduce = watch  # the learner calls dist.all_reduce (or dp.all_reduce): watch it
         if hasattr(learner, "all_reduce"):
             learner.all_reduce = watch
-        for p in model.parameters():
-            if p.requires_grad:
-                p.register_post_accumulate_grad_hook(lambda p, s=state: learner.grad_ready(s, p))
         opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, ref))
         errors: list[str] = []
         try:
             for step in range(steps):
                 opt.zero_grad(set_to_none=True)
                 watch.in_backward, watch.launched, watch.during_backward = True, [], 0
-                model(*_batch(step, ctx.rank, ctx.world_size)).backward()
+                dp(*_batch(step, ctx.rank, ctx.world_size)).backward()
                 watch.in_backward = False
-                full = _full_in_backward(state)
-                if watch.during_backward < full and not errors:
-                    errors.append(
-                        f"step {step}: {full} bucket(s) were full during backward but only "
-                        f"{watch.during_backward} started then: start each bucket as soon as "
-                        "it is full (that is the overlap)"
-                    )
-                _finish(state, learner.launch_ready_buckets, ctx.world_size)
+                late = watch.after_backward(step)
+                if late is not None and not errors:
+                    errors.append(late)
+                dp.finish_gradient_synchronization()  # calls the learner's launch_ready_buckets
                 ref_opt.zero_grad(set_to_none=True)
                 ref(*_batch(step, 0, 1)).backward()
                 errors += _compare(model, ref, "gradient", step)
@@ -224,7 +249,7 @@ def _grade_worker(ctx, cwd: str, module_name: str, bucket_caps_mb: list[float], 
         dist.all_gather(everyone, flat)
         if not all(torch.equal(t, everyone[0]) for t in everyone):
             errors.append("the ranks' parameters are not bitwise equal after the steps")
-        report.append({"cap": cap, "buckets": len(state.buckets), "errors": errors})
+        report.append({"cap": cap, "buckets": len(dp.buckets), "errors": errors})
     return report
 
 
@@ -244,7 +269,8 @@ def grade_bucket_hook(
 ) -> None:
     """Chapter 2's graded exercise: ``module_name.grad_ready`` / ``launch_ready_buckets``.
 
-    Runs ``steps`` SGD steps of :class:`ToyNet` on ``world_size`` ranks for each bucket cap
+    Runs ``steps`` SGD steps of :class:`ToyNet` wrapped in ``DataParallel`` (overlapped,
+    the learner's two functions injected) on ``world_size`` ranks for each bucket cap
     (default: 100 bytes, smaller than the largest parameter, and 25 MB, one bucket) and
     compares every gradient and parameter with the single-device reference.
     """

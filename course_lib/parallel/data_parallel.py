@@ -14,7 +14,9 @@ pass-through, ``no_sync()``), but every byte moves through calls you can read he
   per bucket (few latencies, same bytes);
 - ``overlapped``: a hook on each parameter marks its gradient ready during backward; a
   bucket whose gradients are all ready starts its asynchronous all-reduce at once, so
-  communication runs while backward computes the earlier layers.
+  communication runs while backward computes the earlier layers. The hook's two halves,
+  :func:`grad_ready` and :func:`launch_ready_buckets`, are chapter 2's graded exercise:
+  ``DataParallel(..., grad_ready=..., launch_ready_buckets=...)`` runs the learner's.
 
 In every mode, call :meth:`DataParallel.finish_gradient_synchronization` after
 ``backward()`` and before the optimizer step.
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +98,39 @@ def make_buckets(params: list[nn.Parameter], bucket_cap_mb: float) -> list[Bucke
     return buckets
 
 
+def launch_ready_buckets(dp: DataParallel) -> None:
+    """Chapter 2 (the graded exercise): start, in index order, every bucket whose gradients are in.
+
+    Each start is an asynchronous all-reduce whose ``Work`` goes into ``bucket.work``; the
+    first bucket not yet full stops the loop, so every rank starts the same buckets in
+    the same order (their all-reduces pair up by order, not by name).
+    """
+    while dp.next_bucket < len(dp.buckets):
+        bucket = dp.buckets[dp.next_bucket]
+        if len(bucket.ready) < len(bucket.params):
+            return  # a later bucket may be full, but it must wait its turn
+        bucket.work = dp.all_reduce(bucket.buffer, async_op=True)
+        dp.next_bucket += 1
+
+
+def grad_ready(dp: DataParallel, p: nn.Parameter) -> None:
+    """Chapter 2 (the graded exercise): overlapped mode's hook, once ``p.grad`` is complete.
+
+    Copy the gradient into its slot of its bucket's flat buffer, mark it ready, then
+    start whatever buckets are now full.
+    """
+    b, i = dp.where[id(p)]
+    bucket = dp.buckets[b]
+    start = bucket.offsets[i]
+    bucket.buffer[start : start + p.numel()].copy_(p.grad.reshape(-1))  # (numel_p,)
+    bucket.ready.add(i)
+    launch_ready_buckets(dp)
+
+
+GradReady = Callable[["DataParallel", nn.Parameter], None]  # grad_ready's signature
+Launch = Callable[["DataParallel"], None]  # launch_ready_buckets' signature
+
+
 class DataParallel(nn.Module):
     """Chapter 2: data parallelism from scratch, in the spirit of DistributedDataParallel.
 
@@ -104,6 +139,9 @@ class DataParallel(nn.Module):
     the step keeps ``grad=None`` (as on one device), at the price of one small extra
     all-reduce per step; otherwise it gets a zero gradient. ``ring=True`` (naive and
     bucketed only) all-reduces with chapter 1's ring and counts bytes in ``counter``.
+    ``grad_ready`` and ``launch_ready_buckets`` replace :func:`grad_ready` and
+    :func:`launch_ready_buckets` (the exercise's grader passes the learner's); both take
+    this DataParallel as their first argument.
     """
 
     def __init__(
@@ -115,6 +153,9 @@ class DataParallel(nn.Module):
         find_unused_parameters: bool = False,
         ring: bool = False,
         counter: C.CommCounter | None = None,
+        *,
+        grad_ready: GradReady = grad_ready,
+        launch_ready_buckets: Launch = launch_ready_buckets,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -132,16 +173,18 @@ class DataParallel(nn.Module):
         self.world_size = dist.get_world_size(self.group)
         self.find_unused_parameters, self.ring, self.counter = find_unused_parameters, ring, counter
         self.require_sync = True  # False inside no_sync(): gradients only accumulate
+        self.grad_ready_fn, self.launch_fn = grad_ready, launch_ready_buckets
         check_same_model(module, self.group)
         broadcast_module(module, self.group)
         # Backward produces gradients roughly from the last layer to the first.
         trainable = [p for p in module.parameters() if p.requires_grad]
         self.params = trainable
         self.buckets = make_buckets(list(reversed(trainable)), bucket_cap_mb)
-        self._where = {
+        # id(p) -> (bucket index, index of p in the bucket)
+        self.where = {
             id(p): (b, i) for b, k in enumerate(self.buckets) for i, p in enumerate(k.params)
         }
-        self._next_bucket = 0  # buckets start in index order on every rank
+        self.next_bucket = 0  # the first bucket not started in this step (index order)
         self.bytes_all_reduced = 0  # payload handed to all-reduce since the last reset
         self.all_reduce_calls = 0
         # With a list here, each bucket's all-reduce appends its launch and completion time
@@ -165,8 +208,12 @@ class DataParallel(nn.Module):
 
     # -- communication -------------------------------------------------------------------
 
-    def _all_reduce(self, tensor: torch.Tensor, async_op: bool = False) -> dist.Work | None:
-        """Sum ``tensor`` over the group in place (ours if ``ring``, else torch's)."""
+    def all_reduce(self, tensor: torch.Tensor, async_op: bool = False) -> dist.Work | None:
+        """Chapter 2: sum ``tensor`` over the group in place (ours if ``ring``, else torch's).
+
+        Counts the payload and the call. Returns torch's ``Work`` when ``async_op``
+        (``None`` with the ring, which is blocking).
+        """
         self.bytes_all_reduced += tensor.numel() * tensor.element_size()
         self.all_reduce_calls += 1
         if self.ring:
@@ -184,15 +231,17 @@ class DataParallel(nn.Module):
             view.copy_(p.grad.reshape(-1))
 
     def _launch_ready_buckets(self) -> None:
-        """Start, in index order, every bucket whose gradients are all in."""
-        while self._next_bucket < len(self.buckets):
-            bucket = self.buckets[self._next_bucket]
-            if len(bucket.ready) < len(bucket.params):
-                return
-            bucket.work = self._all_reduce(bucket.buffer, async_op=True)
-            if self.timeline is not None and bucket.work is not None:
-                self._record(self._next_bucket, bucket)
-            self._next_bucket += 1
+        """Start, in index order, every full bucket (``launch_ready_buckets``)."""
+        self._timed(self.launch_fn)
+
+    def _timed(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(self, *args)`` (the library's or the learner's); time the buckets it starts."""
+        first = self.next_bucket
+        fn(self, *args)
+        if self.timeline is not None:
+            for b in range(first, self.next_bucket):
+                if self.buckets[b].work is not None:
+                    self._record(b, self.buckets[b])
 
     def _record(self, index: int, bucket: Bucket) -> None:
         """Append (bucket, bytes, launch time, done time) to the timeline when it completes."""
@@ -206,19 +255,15 @@ class DataParallel(nn.Module):
         bucket.work.get_future().then(done)
 
     def _grad_ready(self, p: nn.Parameter) -> None:
-        """Overlapped mode's hook: runs inside backward once ``p.grad`` is complete."""
+        """Overlapped mode's hook, inside backward once ``p.grad`` is complete: ``grad_ready``."""
         if not self.require_sync:
             return
-        b, i = self._where[id(p)]
-        if b < self._next_bucket:
+        if self.where[id(p)][0] < self.next_bucket:
             raise RuntimeError(
                 "a second backward before finish_gradient_synchronization(); "
                 "accumulate micro-batches inside no_sync()"
             )
-        bucket = self.buckets[b]
-        self._fill(bucket, i)
-        bucket.ready.add(i)
-        self._launch_ready_buckets()
+        self._timed(self.grad_ready_fn, p)
 
     def _used_mask(self, used: torch.Tensor) -> torch.Tensor:
         """Which trainable parameters SOME rank has a gradient for (one tiny all-reduce)."""
@@ -263,7 +308,7 @@ class DataParallel(nn.Module):
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            self._all_reduce(p.grad)
+            self.all_reduce(p.grad)
             p.grad.div_(self.world_size)
 
     def _unpack_buckets(self) -> None:
@@ -279,7 +324,7 @@ class DataParallel(nn.Module):
                     p.grad.copy_(averaged)
             bucket.ready.clear()
             bucket.work = None
-        self._next_bucket = 0
+        self.next_bucket = 0
 
     def reset_counters(self) -> None:
         """Chapter 2: zero the bytes and calls counted since the wrap (or the last reset)."""

@@ -55,6 +55,7 @@ import torch.distributed as dist
 from course_lib.checkpoint import Piece, whole_piece
 from course_lib.collectives import CommCounter
 from course_lib.data import check_batch_shape, get_batch
+from course_lib.flat import FlatLayout
 from course_lib.model import GPT, GPTConfig, loss_fn
 from course_lib.train import (
     SingleDevice,
@@ -117,18 +118,25 @@ def partition(sizes: list[int], n_servers: int) -> list[list[int]]:
     return [sorted(o) for o in owned]
 
 
+def _layout(tensors: list[torch.Tensor]) -> FlatLayout:
+    """The tensors end to end, in one piece (world size 1: no padding)."""
+    return FlatLayout([t.shape for t in tensors], rank=0, world_size=1)
+
+
 def flat_of(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Chapter 4: the tensors as one flat float32 CPU vector, in order (a message payload)."""
-    return torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])  # (sum numel,)
+    """Chapter 4: the tensors as one flat float32 CPU vector, in order (a message payload).
+
+    The layout is chapter 3's :class:`~course_lib.flat.FlatLayout`, in one piece.
+    """
+    with torch.no_grad():  # (sum numel,)
+        return _layout(tensors).flatten(tensors, like=torch.empty(0, dtype=torch.float32))
 
 
 def unflat_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
     """Chapter 4: copy ``flat`` back into ``tensors`` (inverse of :func:`flat_of`)."""
-    offset = 0
     with torch.no_grad():
-        for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+        for t, piece in zip(tensors, _layout(tensors).views(flat), strict=True):
+            t.copy_(piece)
 
 
 def message(header: list[float], payload: torch.Tensor | None = None) -> torch.Tensor:

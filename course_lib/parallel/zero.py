@@ -15,12 +15,14 @@ updated parameters all-gathered, both with chapter 1's ring, whose byte counter 
 exact. Stages 1 and 2 are :class:`ZeroRedundancyOptimizer` (this file); stage 3 is
 ``FullyShardedDataParallel`` (``course_lib/parallel/fsdp.py``). The optimizer must be
 elementwise (SGD, Adam, AdamW, ...): it steps a flat piece, not the original tensors.
+Stage 1's step, :func:`reduce_scatter_gradients` then :func:`step_and_all_gather`, is
+chapter 3's graded exercise: the grader passes the learner's two functions in their place.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -93,20 +95,39 @@ class _FlatGroup:
             p.grad = view
 
     def reduce(self, group, counter: C.CommCounter | None, world_size: int) -> None:
-        """Reduce-scatter; afterwards ``shard.grad`` is the mean gradient of our piece.
+        """Stage 2's reduce-scatter; afterwards ``shard.grad`` is the mean gradient of our piece.
 
-        Stage 1 reduces its flat gradient in place (the other pieces then hold partial
-        sums: scratch); stage 2 flattens the gradients, keeps the piece, frees the rest.
+        Stage 2 flattens the gradients, keeps the piece, frees the rest (stage 1 reduces
+        its flat gradient in place: :func:`reduce_scatter_gradients`).
         """
-        if self.grad_flat is not None:
-            piece = C.ring_reduce_scatter(self.grad_flat, group, counter)  # (shard_numel,)
-            self.shard.grad = piece.div_(world_size)  # a view of grad_flat
-            return
         flat = self.layout.flatten([p.grad for p in self.params], self.flat)  # (padded,)
         piece = C.ring_reduce_scatter(flat, group, counter)  # (shard_numel,)
         self.shard.grad = piece.div_(world_size).clone()
         for p in self.params:
             p.grad = None
+
+
+def reduce_scatter_gradients(zero: ZeroRedundancyOptimizer) -> None:
+    """Chapter 3 (the graded exercise), stage 1: ``shard.grad`` = the mean gradient of our piece.
+
+    Each flat group's local gradient ``grad_flat`` is reduce-scattered in place: this rank
+    receives the sum over ranks of its piece only (the other pieces then hold partial
+    sums: scratch); divided by N it is what one device would see with the global batch.
+    """
+    for fg in zero.flat_groups:
+        piece = C.ring_reduce_scatter(fg.grad_flat, zero.group, zero.counter)  # (shard_numel,)
+        fg.shard.grad = piece.div_(zero.world_size)  # a view of grad_flat
+
+
+def step_and_all_gather(zero: ZeroRedundancyOptimizer) -> None:
+    """Chapter 3 (the graded exercise): update our pieces, then all-gather every flat buffer."""
+    zero.optimizer.step()  # steps only our pieces: each shard is a view of its flat buffer
+    for fg in zero.flat_groups:
+        C.ring_all_gather(fg.flat, zero.group, zero.counter)  # params are views of flat
+
+
+ZeroPhase = Callable[["ZeroRedundancyOptimizer"], None]  # the two functions' signature
+_STAGE1_REDUCE = reduce_scatter_gradients  # the library's, told apart from a learner's
 
 
 class ZeroRedundancyOptimizer:
@@ -119,6 +140,11 @@ class ZeroRedundancyOptimizer:
     frees the full gradients); :meth:`step` updates the piece and all-gathers the
     parameters, so every rank leaves with the same updated model. Bytes per rank and step:
     2 (N - 1)/N Psi elements, the same as the all-reduce of plain data parallelism.
+
+    ``reduce_scatter_gradients`` (stage 1 only) and ``step_and_all_gather`` replace
+    :func:`reduce_scatter_gradients` and :func:`step_and_all_gather` (the exercise's
+    grader passes the learner's); both take this optimizer as their argument. They are
+    two functions, not one step, because clipping by the global norm runs between them.
     """
 
     def __init__(
@@ -129,6 +155,9 @@ class ZeroRedundancyOptimizer:
         stage: int = 1,
         counter: C.CommCounter | None = None,
         module: nn.Module | None = None,
+        *,
+        reduce_scatter_gradients: ZeroPhase = reduce_scatter_gradients,
+        step_and_all_gather: ZeroPhase = step_and_all_gather,
         **defaults: Any,
     ) -> None:
         check_optimizer_class(optimizer_class)
@@ -137,6 +166,12 @@ class ZeroRedundancyOptimizer:
                 f"stage={stage}: ZeroRedundancyOptimizer is stage 1 or 2; "
                 "stage 3 is FullyShardedDataParallel"
             )
+        if stage == 2 and reduce_scatter_gradients is not _STAGE1_REDUCE:
+            raise ValueError(
+                "reduce_scatter_gradients= replaces stage 1's in-place reduce-scatter; "
+                "stage 2 keeps its own (it frees the full gradients): use stage=1"
+            )
+        self.reduce_fn, self.step_fn = reduce_scatter_gradients, step_and_all_gather
         params = list(params)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
         # No group: the whole world, named explicitly (strategies pass their Topology's).
@@ -175,8 +210,11 @@ class ZeroRedundancyOptimizer:
                 "reduce_gradients() inside no_sync(): call it after the backward that "
                 "runs outside no_sync()"
             )
-        for fg in self.flat_groups:
-            fg.reduce(self.group, self.counter, self.world_size)
+        if self.stage == 1:
+            self.reduce_fn(self)
+        else:
+            for fg in self.flat_groups:
+                fg.reduce(self.group, self.counter, self.world_size)
         self._reduced = True
 
     def clip_grad_norm_(self, max_norm: float) -> float:
@@ -190,9 +228,7 @@ class ZeroRedundancyOptimizer:
         """Chapter 3: update our piece, then all-gather every piece into every rank's model."""
         if not self._reduced:
             self.reduce_gradients()
-        self.optimizer.step()
-        for fg in self.flat_groups:
-            C.ring_all_gather(fg.flat, self.group, self.counter)  # params are views of flat
+        self.step_fn(self)  # step_and_all_gather: the optimizer, then the all-gathers
         self._reduced = False
 
     # -- the GradientSync interface (course_lib.train) -------------------------------------

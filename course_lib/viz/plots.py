@@ -4,6 +4,12 @@ Figures are built on :class:`matplotlib.figure.Figure` directly, never through p
 no GUI backend is needed (the CLI runs headless, rendering with Agg) and no global
 state changes. In a notebook a returned Figure displays inline; or pass ``ax`` to draw
 into axes of your own.
+
+Every figure of the course takes its colours from one palette, :data:`PALETTE` (named
+roles: params / grads / optimizer / activations, measured / predicted, ours / torch, one
+per strategy) and :data:`SEQUENCE` (the i-th series without a role). They live in
+:mod:`course_lib.viz.palette`, which imports no matplotlib, so that chapter modules the
+spawned ranks import can use them too; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from typing import Any
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+
+from course_lib.viz.palette import PALETTE, SEQUENCE, color
+
+__all__ = ["PALETTE", "SEQUENCE", "color", "plot_loss", "save_loss_plot"]
 
 
 def _trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
@@ -42,14 +52,15 @@ def plot_loss(
         ax = Figure(figsize=(7, 4.2), layout="constrained").subplots()
     steps = np.array([m["step"] for m in metrics])
     loss = np.array([m["loss"] for m in metrics], dtype=float)
-    ax.plot(steps, loss, color="C0", alpha=0.25, lw=0.8)
-    ax.plot(steps, _trailing_mean(loss, max(1, len(loss) // 50)), color="C0", label="train")
+    train = PALETTE["train"]
+    ax.plot(steps, loss, color=train, alpha=0.25, lw=0.8)
+    ax.plot(steps, _trailing_mean(loss, max(1, len(loss) // 50)), color=train, label="train")
     val = [(m["step"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]
     if val:
-        ax.plot(*zip(*val, strict=True), "o-", color="C1", label="validation")
+        ax.plot(*zip(*val, strict=True), "o-", color=PALETTE["validation"], label="validation")
     if unigram_bits is not None:
         label = f"unigram entropy ({unigram_bits:.2f} bits/byte)"
-        ax.axhline(unigram_bits * math.log(2), color="gray", ls="--", label=label)
+        ax.axhline(unigram_bits * math.log(2), color=PALETTE["reference"], ls="--", label=label)
     bits = ax.secondary_yaxis(
         "right", functions=(lambda n: n / math.log(2), lambda b: b * math.log(2))
     )

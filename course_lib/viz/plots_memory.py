@@ -15,13 +15,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from course_lib.cost.cost_model import GIB, MemoryBreakdown, format_days
+from course_lib.viz.palette import PALETTE, color
 
-_PART_COLORS = {
-    "params": "#4C72B0",
-    "grads": "#55A868",
-    "optimizer": "#C44E52",
-    "activations": "#8172B2",
-}
+_PARTS = ("params", "grads", "optimizer", "activations")  # stacked bottom to top
 _GPU_STYLES = ("--", "-.", ":")
 
 
@@ -31,9 +27,11 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
     return ax
 
 
-def _gpu_lines(ax: Axes, device_bytes: Mapping[str, int], color: str = "black") -> None:
+def _gpu_lines(ax: Axes, device_bytes: Mapping[str, int]) -> None:
     for (name, nbytes), style in zip(device_bytes.items(), _GPU_STYLES * 4, strict=False):
-        ax.axhline(nbytes / GIB, color=color, linestyle=style, linewidth=1.2, label=name)
+        ax.axhline(
+            nbytes / GIB, color=PALETTE["device"], linestyle=style, linewidth=1.2, label=name
+        )
 
 
 def plot_memory_breakdown(
@@ -51,11 +49,11 @@ def plot_memory_breakdown(
     names = list(breakdowns)
     xs = np.arange(len(names))
     bottom = np.zeros(len(names))
-    for part, color in _PART_COLORS.items():
+    for part in _PARTS:
         heights = np.array([getattr(breakdowns[n], part) / GIB for n in names])
         if not heights.any():
             continue
-        ax.bar(xs, heights, bottom=bottom, color=color, label=part, width=0.6)
+        ax.bar(xs, heights, bottom=bottom, color=PALETTE[part], label=part, width=0.6)
         bottom += heights
     for x, top in zip(xs, bottom, strict=True):
         ax.text(x, top, f"{top:,.0f} GiB", ha="center", va="bottom", fontsize=9)
@@ -87,18 +85,19 @@ def plot_memory_vs_params(
     ax.loglog(
         grid,
         bytes_per_param * grid / GIB,
-        color="gray",
+        color=PALETTE["predicted"],
         linewidth=1,
         label=f"{bytes_per_param} bytes/param (params + grads + AdamW)",
     )
     states = np.array([m[2] for m in models], dtype=float) / GIB
     with_act = np.array([m[3] for m in models], dtype=float) / GIB
-    ax.loglog(n, states, "o", color=_PART_COLORS["optimizer"], label="model states")
+    # model states are mostly optimizer state (8 or 12 of 16 bytes): its colour
+    ax.loglog(n, states, "o", color=PALETTE["optimizer"], label="model states")
     ax.loglog(
         n,
         with_act,
         "^",
-        color=_PART_COLORS["activations"],
+        color=PALETTE["activations"],
         label="+ activations (micro-batch 1, full context)",
     )
     for (name, *_), x, y in zip(models, n, with_act, strict=True):
@@ -129,12 +128,12 @@ def plot_activation_check(
     """
     ax = _axes(ax, (7, 4.5))
     for i, label in enumerate(predicted):
-        color = f"C{i}"
+        series = color(i)  # formula and measurement of one label share its colour
         ax.plot(
             seq_lens,
             np.array(predicted[label]) / 2**20,
             "-",
-            color=color,
+            color=series,
             label=f"{label}: formula",
         )
         if label in measured:
@@ -142,7 +141,7 @@ def plot_activation_check(
                 seq_lens,
                 np.array(measured[label]) / 2**20,
                 "o",
-                color=color,
+                color=series,
                 markerfacecolor="none",
                 markersize=9,
                 label=f"{label}: measured",
@@ -174,11 +173,11 @@ def plot_training_days(
     width = 0.8 / max(1, len(days))
     for i, (label, values) in enumerate(days.items()):
         pos = xs + (i - (len(days) - 1) / 2) * width
-        ax.bar(pos, values, width=width, label=label, color=f"C{i}")
+        ax.bar(pos, values, width=width, label=label, color=color(i))
         for x, v in zip(pos, values, strict=True):
             ax.text(x, v * 1.3, format_days(v), ha="center", va="bottom", fontsize=7.5)
     for value, name in ((1, "1 day"), (30, "1 month"), (365, "1 year")):
-        ax.axhline(value, color="black", linestyle=":", linewidth=1)
+        ax.axhline(value, color=PALETTE["guide"], linestyle=":", linewidth=1)
         ax.text(
             1.01,
             value,

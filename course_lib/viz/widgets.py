@@ -14,13 +14,13 @@ import ipywidgets as w
 
 from course_lib.cost.cost_model import GPU_MEMORY, PRECISIONS
 from course_lib.parallel.zero import zero_memory_formula
+from course_lib.viz.palette import PALETTE
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 STAGE_NAMES = {0: "DP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}
-KINDS = ("params", "grads", "optimizer")
-COLORS = {"params": "#4C72B0", "grads": "#DD8452", "optimizer": "#55A868"}
+KINDS = ("params", "grads", "optimizer")  # coloured by PALETTE[kind], as in every chapter
 
 
 def zero_bytes_per_rank(
@@ -69,17 +69,18 @@ def plot_zero_memory(
             bottom = 0.0
             for kind in KINDS:
                 label = kind if (stage == 0 and ax is axes[-1]) else None
-                ax.bar(name, parts[kind] / gib, bottom=bottom, color=COLORS[kind], label=label)
+                ax.bar(name, parts[kind] / gib, bottom=bottom, color=PALETTE[kind], label=label)
                 bottom += parts[kind] / gib
             verdict = "fits" if bottom * gib <= device_bytes else "too big"
             ax.text(stage, bottom, f"{bottom:.0f}\n{verdict}", ha="center", va="bottom", fontsize=7)
-        ax.axhline(device_bytes / gib, color="red", ls="--", lw=1)
+        ax.axhline(device_bytes / gib, color=PALETTE["device"], ls="--", lw=1)
         ax.set_title(f"N = {n}", fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
     axes[0].set_ylabel("GiB per rank (model states)")
     axes[-1].legend(fontsize=7, loc="center right")
     pretty = f"{n_params / 1e9:g}B parameters, {precision}"
-    fig.suptitle(title or f"{pretty}: bytes per rank (red: {device_bytes / gib:.0f} GiB GPU)")
+    gpu = f"dashed: {device_bytes / gib:.0f} GiB GPU"
+    fig.suptitle(title or f"{pretty}: bytes per rank ({gpu})")
     fig.tight_layout()
     return fig
 

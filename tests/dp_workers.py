@@ -285,3 +285,19 @@ def fsdp_with_plain_adamw(ctx: DistContext) -> dict:
         "ours": torch.cat([full[n].reshape(-1) for n, _ in ref.named_parameters()]),
         "ref": flat_params(ref),
     }
+
+
+def wrap_with_another_ranks_group(ctx: DistContext, wrapper: str) -> None:
+    """Both ranks build the group {0}; rank 1 wrongly passes it to a wrapper."""
+    import torch.distributed as dist
+
+    only_rank0 = dist.new_group([0])
+    if ctx.rank == 0:
+        return
+    module = build("gpt")
+    if wrapper == "dp":
+        DataParallel(module, group=only_rank0)
+    elif wrapper == "zero1":
+        ZeroRedundancyOptimizer(module.parameters(), torch.optim.SGD, group=only_rank0, lr=0.1)
+    else:
+        FullyShardedDataParallel(module, group=only_rank0)

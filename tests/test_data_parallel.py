@@ -227,3 +227,13 @@ def test_sharding_changes_no_arithmetic_at_world_2():
             ours = results[rank][i]["ours"]
             assert torch.equal(ours, dp), f"{_case_id(case)} differs from DP on rank {rank}"
             assert not torch.equal(ours, results[rank][i]["ref"])  # the split's rounding
+
+
+@pytest.mark.parametrize("wrapper", ["dp", "zero1", "zero3"])
+def test_a_group_this_rank_is_not_in_is_refused_before_any_communication(wrapper):
+    with pytest.raises(RankError) as info:
+        run_distributed(W.wrap_with_another_ranks_group, 2, wrapper, backend="gloo",
+                        timeout_s=60, threads_per_rank=1)  # fmt: skip
+    message = str(info.value)
+    assert "global rank 1 is not a member of the group" in message
+    assert "Topology.dp_group" in message

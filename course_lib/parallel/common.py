@@ -18,6 +18,20 @@ from course_lib.checkpoint import Piece, flat_pieces, flat_shard_from_full, whol
 from course_lib.flat import FlatLayout
 
 
+def require_member(group: dist.ProcessGroup, what: str) -> None:
+    """Chapters 2-3: raise ValueError, before any communication, if this rank is not in ``group``.
+
+    A collective over a group the caller does not belong to would wait forever or fail
+    deep inside gloo; the usual cause is passing another rank's group.
+    """
+    if dist.get_rank(group) < 0:
+        members = dist.get_process_group_ranks(group)
+        raise ValueError(
+            f"{what}: global rank {dist.get_rank()} is not a member of the group it was given "
+            f"(global ranks {members}); pass this rank's own group, e.g. Topology.dp_group"
+        )
+
+
 def gather_object(obj: Any, group: dist.ProcessGroup) -> list[Any]:
     """Chapter 3: every group member's ``obj``, in group-rank order, on every member."""
     out: list[Any] = [None] * dist.get_world_size(group)

@@ -37,7 +37,7 @@ from torch import nn
 from course_lib import collectives as C
 from course_lib.flat import FlatLayout
 from course_lib.model import GPT
-from course_lib.parallel.common import broadcast_module, check_same_model
+from course_lib.parallel.common import broadcast_module, check_same_model, require_member
 from course_lib.train import (
     Pieces,
     Shapes,
@@ -169,6 +169,7 @@ class DataParallel(nn.Module):
             )
         # No group: the whole world, named explicitly (strategies pass their Topology's).
         self.group = group if group is not None else dist.group.WORLD
+        require_member(self.group, "DataParallel")
         self.module, self.mode = module, mode
         self.world_size = dist.get_world_size(self.group)
         self.find_unused_parameters, self.ring, self.counter = find_unused_parameters, ring, counter

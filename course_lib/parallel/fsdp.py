@@ -28,6 +28,7 @@ from course_lib.parallel.common import (
     clip_grad_norm_,
     flat_state_pieces,
     load_flat_optimizer_state,
+    require_member,
 )
 from course_lib.train import (
     Pieces,
@@ -183,6 +184,7 @@ class FullyShardedDataParallel(nn.Module):
         super().__init__()
         # No group: the whole world, named explicitly (strategies pass their Topology's).
         group = group if group is not None else dist.group.WORLD
+        require_member(group, "FullyShardedDataParallel")
         check_same_model(module, group)
         broadcast_module(module, group)
         self.module, self.group, self.counter = module, group, counter

@@ -40,6 +40,7 @@ from course_lib.parallel.common import (
     clip_grad_norm_,
     flat_state_pieces,
     load_flat_optimizer_state,
+    require_member,
 )
 from course_lib.train import (
     Pieces,
@@ -176,6 +177,7 @@ class ZeroRedundancyOptimizer:
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
         # No group: the whole world, named explicitly (strategies pass their Topology's).
         self.group = group if group is not None else dist.group.WORLD
+        require_member(self.group, "ZeroRedundancyOptimizer")
         self.stage, self.counter, self.module = stage, counter, module
         self.world_size, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         if module is not None:  # the same model on every rank, rank 0's weights

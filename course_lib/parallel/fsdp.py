@@ -326,7 +326,7 @@ class FullyShardedDataParallel(nn.Module):
         shards = [s for _, s in self.shard_parameters()]
         gathered = [st.buffer for u in self.all_units() for st in u.sharded.values()]
         return {
-            "params": held_bytes(shards) + sum(b.untyped_storage().nbytes() for b in gathered),
+            "params": held_bytes([*shards, *gathered]),  # gathered: 0 bytes once freed
             "grads": held_bytes(s.grad for s in shards),
             "optimizer": state_bytes(optimizer),
         }

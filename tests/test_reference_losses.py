@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from course_lib.data import load_text, make_dataset
 from course_lib.launch import run_distributed
@@ -26,6 +27,10 @@ CONFIG = TrainConfig(
 # after building the model (build_model no longer touches the global RNGs): by design,
 # a run with dropout draws other masks than before. Every other run is unchanged.
 CHANGED_BY_DESIGN = {"dropout"}
+# Bitwise equality holds on the kind of CPU the values were recorded on: another SIMD
+# level (AVX2 vs AVX512) takes other matmul kernels, which round differently. There the
+# check is fp32-tight instead (and says so), so it still fails on a changed computation.
+SAME_CPU = torch.backends.cpu.get_cpu_capability() == RECORDED["_cpu_capability"]
 SINGLE = [k for k in RECORDED if not k.startswith("_") and not k.endswith("_w2")]
 DISTRIBUTED = [k for k in RECORDED if k.endswith("_w2")]
 
@@ -35,16 +40,23 @@ def dataset():
     return make_dataset(load_text(None), 0.1)
 
 
-def _hex(result) -> tuple[list[str], list[str]]:
-    losses = [m["loss"].hex() for m in result.metrics]
-    return losses, [m["val_loss"].hex() for m in result.metrics if m["val_loss"] is not None]
+def _check(result, case: dict) -> None:
+    """Bitwise on the recording CPU, else within fp32 rounding (rtol 1e-6)."""
+    losses = [m["loss"] for m in result.metrics]
+    vals = [m["val_loss"] for m in result.metrics if m["val_loss"] is not None]
+    recorded = [float.fromhex(h) for h in case["losses"]], [float.fromhex(h) for h in case["val"]]
+    if SAME_CPU:
+        assert (losses, vals) == recorded
+    else:
+        msg = f"CPU {torch.backends.cpu.get_cpu_capability()} != recorded; fp32 tolerance"
+        torch.testing.assert_close((losses, vals), recorded, rtol=1e-6, atol=0, msg=msg)
 
 
 @pytest.mark.parametrize("name", [k for k in SINGLE if k not in CHANGED_BY_DESIGN])
 def test_single_device_losses_are_bitwise_the_recorded_ones(dataset, name):
     case = RECORDED[name]
     result = train(GPTConfig(**case["model"]), CONFIG, dataset, progress=False)
-    assert _hex(result) == (case["losses"], case["val"])
+    _check(result, case)
 
 
 def test_dropout_runs_changed_masks_only(dataset):
@@ -64,4 +76,4 @@ def test_strategy_losses_at_world_2_are_bitwise_the_recorded_ones(dataset, name)
         train_worker, 2, strategy, model_config=GPTConfig(**case["model"]), train_config=CONFIG,
         dataset=dataset, progress=False, backend="gloo", timeout_s=120, threads_per_rank=1,
     )  # fmt: skip
-    assert _hex(ranks[0]) == (case["losses"], case["val"])
+    _check(ranks[0], case)

@@ -35,6 +35,15 @@ SINGLE = [k for k in RECORDED if not k.startswith("_") and not k.endswith("_w2")
 DISTRIBUTED = [k for k in RECORDED if k.endswith("_w2")]
 
 
+@pytest.fixture(autouse=True)
+def recorded_threads():
+    """The recording's intra-op threads: matmuls split across threads round differently."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(RECORDED["_threads"])
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def dataset():
     return make_dataset(load_text(None), 0.1)

@@ -198,7 +198,43 @@ class GradientSync(Protocol):
         """Take this rank's part of whole checkpoint tensors (any world size wrote them)."""
 
 
-class LocalGradients:
+class WholeModelSync:
+    """Chapters 0 and 2: the GradientSync methods of a model every rank holds whole.
+
+    Mixed into :class:`LocalGradients` and chapter 2's ``DataParallel``; the class sets
+    ``self.module`` and says, in :meth:`writes_checkpoint`, whether this rank writes the
+    (replicated) checkpoint.
+    """
+
+    module: torch.nn.Module
+
+    def writes_checkpoint(self) -> bool:
+        return True
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Every rank holds the whole gradient: torch's clipping, no communication."""
+        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm).item()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+    def memory_bytes(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        """The baseline of chapter 3: a whole model, gradient and optimizer state."""
+        return replicated_memory(self.module, optimizer)
+
+    def state_pieces(self, optimizer: torch.optim.Optimizer) -> tuple[Pieces, Shapes]:
+        return replicated_pieces(self.module, optimizer, write=self.writes_checkpoint())
+
+    def load_state_pieces(
+        self, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
+    ) -> None:
+        load_replicated(self.module, optimizer, tensors)
+
+
+class LocalGradients(WholeModelSync):
     """Chapter 0: the :class:`GradientSync` of one device: nothing to combine."""
 
     def __init__(self, module: torch.nn.Module) -> None:
@@ -210,26 +246,6 @@ class LocalGradients:
 
     def finish_gradient_synchronization(self) -> None:
         pass
-
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm).item()
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state)
-
-    def memory_bytes(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-        return replicated_memory(self.module, optimizer)
-
-    def state_pieces(self, optimizer: torch.optim.Optimizer) -> tuple[Pieces, Shapes]:
-        return replicated_pieces(self.module, optimizer, write=True)
-
-    def load_state_pieces(
-        self, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
-    ) -> None:
-        load_replicated(self.module, optimizer, tensors)
 
 
 def replicated_memory(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -319,6 +335,7 @@ class Strategy:
     """
 
     name = "base"
+    needs_process_group = True  # every strategy but the single-device reference
 
     def __init__(self, ctx: DistContext | None = None) -> None:
         self.ctx = ctx  # this process's place in the launch; None for a plain single process
@@ -363,6 +380,11 @@ class Strategy:
         raise NotImplementedError
 
     def setup(self, model_config: GPTConfig, train_config: TrainConfig, device: Any) -> None:
+        if self.needs_process_group and not dist.is_initialized():
+            raise RuntimeError(
+                f"strategy {self.name!r} needs a process group: launch it with "
+                "run_distributed, torchrun or --world-size N"
+            )
         self.device, self.train_config = torch.device(device), train_config
         self.model_config = model_config
         self.topology = self.make_topology()
@@ -403,6 +425,7 @@ class SingleDevice(Strategy):
     """The reference strategy (chapter 0): the whole model and batch on one device."""
 
     name = "single"
+    needs_process_group = False
 
     def __init__(self, ctx: DistContext | None = None) -> None:
         if ctx is not None and ctx.world_size != 1:

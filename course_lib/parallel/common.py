@@ -7,7 +7,8 @@ rank of this data-parallel group, never the whole world.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -16,6 +17,24 @@ from torch import nn
 
 from course_lib.checkpoint import Piece, flat_pieces, flat_shard_from_full, whole_piece
 from course_lib.flat import FlatLayout
+
+
+class SyncSwitch:
+    """Chapters 2-3: the ``no_sync()`` switch every gradient sync has.
+
+    Inside ``no_sync()`` backward passes only accumulate gradients locally; the next
+    backward outside it (then ``finish_gradient_synchronization``) combines them all.
+    """
+
+    require_sync = True  # False inside no_sync()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        previous, self.require_sync = self.require_sync, False
+        try:
+            yield
+        finally:
+            self.require_sync = previous
 
 
 def require_member(group: dist.ProcessGroup, what: str) -> None:

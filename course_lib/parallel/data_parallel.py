@@ -24,9 +24,8 @@ In every mode, call :meth:`DataParallel.finish_gradient_synchronization` after
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,17 +36,13 @@ from torch import nn
 from course_lib import collectives as C
 from course_lib.flat import FlatLayout
 from course_lib.model import GPT
-from course_lib.parallel.common import broadcast_module, check_same_model, require_member
-from course_lib.train import (
-    Pieces,
-    Shapes,
-    Strategy,
-    TrainConfig,
-    load_replicated,
-    make_optimizer,
-    replicated_memory,
-    replicated_pieces,
+from course_lib.parallel.common import (
+    SyncSwitch,
+    broadcast_module,
+    check_same_model,
+    require_member,
 )
+from course_lib.train import Strategy, TrainConfig, WholeModelSync, make_optimizer
 
 if TYPE_CHECKING:
     from course_lib.launch import DistContext
@@ -131,7 +126,7 @@ GradReady = Callable[["DataParallel", nn.Parameter], None]  # grad_ready's signa
 Launch = Callable[["DataParallel"], None]  # launch_ready_buckets' signature
 
 
-class DataParallel(nn.Module):
+class DataParallel(WholeModelSync, SyncSwitch, nn.Module):
     """Chapter 2: data parallelism from scratch, in the spirit of DistributedDataParallel.
 
     ``mode`` is one of :data:`MODES`. Parameters with ``requires_grad=False`` are never
@@ -197,15 +192,6 @@ class DataParallel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Chapter 2: gradients accumulate locally; the next synced backward averages them all."""
-        previous, self.require_sync = self.require_sync, False
-        try:
-            yield
-        finally:
-            self.require_sync = previous
 
     # -- communication -------------------------------------------------------------------
 
@@ -332,30 +318,11 @@ class DataParallel(nn.Module):
         self.bytes_all_reduced = 0
         self.all_reduce_calls = 0
 
-    # -- the GradientSync interface (course_lib.train) -------------------------------------
+    # -- the GradientSync interface: the rest comes from WholeModelSync -------------------
 
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """Every rank holds the whole averaged gradient: torch's clipping, no communication."""
-        return torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state)
-
-    def memory_bytes(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-        """Chapter 3's baseline: a whole model, gradient and optimizer state on every rank."""
-        return replicated_memory(self.module, optimizer)
-
-    def state_pieces(self, optimizer: torch.optim.Optimizer) -> tuple[Pieces, Shapes]:
-        """Replicated: the group's first rank writes everything, the others nothing."""
-        return replicated_pieces(self.module, optimizer, write=dist.get_rank(self.group) == 0)
-
-    def load_state_pieces(
-        self, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
-    ) -> None:
-        load_replicated(self.module, optimizer, tensors)
+    def writes_checkpoint(self) -> bool:
+        """Replicated: the group's first rank writes the checkpoint, the others nothing."""
+        return dist.get_rank(self.group) == 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -380,10 +347,5 @@ class DataParallelStrategy(Strategy):
         self.mode, self.bucket_cap_mb = mode, bucket_cap_mb
 
     def wrap(self, module: GPT, cfg: TrainConfig):
-        if not dist.is_initialized():
-            raise RuntimeError(
-                f"strategy {self.name!r} needs a process group: launch it with "
-                "run_distributed, torchrun or --world-size N"
-            )
         dp = DataParallel(module, self.mode, self.bucket_cap_mb, group=self.topology.dp_group)
         return dp, make_optimizer(module, cfg), dp

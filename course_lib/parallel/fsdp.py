@@ -10,7 +10,6 @@ Per rank: (4 Psi + 4 Psi + 8 Psi) / N bytes with Adam, plus one gathered unit at
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +22,7 @@ from course_lib.flat import FlatLayout
 from course_lib.memory import held_bytes, state_bytes
 from course_lib.model import GPT
 from course_lib.parallel.common import (
+    SyncSwitch,
     broadcast_module,
     check_same_model,
     clip_grad_norm_,
@@ -155,7 +155,7 @@ def _slots(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
     ]
 
 
-class FullyShardedDataParallel(nn.Module):
+class FullyShardedDataParallel(SyncSwitch, nn.Module):
     """Chapter 3: ZeRO-3 / FSDP: parameters, gradients and optimizer state all sharded N ways.
 
     Each unit (default: every transformer block, plus the root for everything else)
@@ -249,19 +249,6 @@ class FullyShardedDataParallel(nn.Module):
             unit.reduce(self.group, self.counter, self.world_size)
         else:  # no_sync(): the whole gradient accumulates; parameters are re-gathered later
             unit.free()
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Chapter 3: backward passes inside accumulate whole (unsharded) gradients locally.
-
-        As torch's FSDP: this costs a full gradient's memory per unit until the next synced
-        backward, which reduce-scatters the sum of every micro-batch's gradient.
-        """
-        previous, self.require_sync = self.require_sync, False
-        try:
-            yield
-        finally:
-            self.require_sync = previous
 
     def finish_gradient_synchronization(self) -> None:
         """Chapter 3: after backward, check every unit that ran has reduced its gradients.
@@ -375,11 +362,6 @@ class Zero3Strategy(Strategy):
         self.compute_dtype = compute_dtype
 
     def wrap(self, module: GPT, cfg: TrainConfig):
-        if not dist.is_initialized():
-            raise RuntimeError(
-                f"strategy {self.name!r} needs a process group: launch it with "
-                "run_distributed, torchrun or --world-size N"
-            )
         fsdp = FullyShardedDataParallel(
             module,
             group=self.topology.dp_group,

@@ -21,7 +21,6 @@ chapter 3's graded exercise: the grader passes the learner's two functions in th
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -34,6 +33,7 @@ from course_lib.flat import FlatLayout
 from course_lib.memory import held_bytes, state_bytes
 from course_lib.model import GPT
 from course_lib.parallel.common import (
+    SyncSwitch,
     broadcast_module,
     check_optimizer_class,
     check_same_model,
@@ -131,7 +131,7 @@ ZeroPhase = Callable[["ZeroRedundancyOptimizer"], None]  # the two functions' si
 _STAGE1_REDUCE = reduce_scatter_gradients  # the library's, told apart from a learner's
 
 
-class ZeroRedundancyOptimizer:
+class ZeroRedundancyOptimizer(SyncSwitch):
     """Chapter 3: ZeRO stage 1 (or 2): each rank keeps optimizer state for 1/N of the parameters.
 
     ``ZeroRedundancyOptimizer(params, optimizer_class, **defaults)`` as in
@@ -235,15 +235,6 @@ class ZeroRedundancyOptimizer:
 
     # -- the GradientSync interface (course_lib.train) -------------------------------------
 
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Chapter 3: backward passes inside accumulate into the local gradients."""
-        previous, self.require_sync = self.require_sync, False
-        try:
-            yield
-        finally:
-            self.require_sync = previous
-
     def finish_gradient_synchronization(self) -> None:
         """Chapter 3: the reduce-scatter of :meth:`reduce_gradients`."""
         self.reduce_gradients()
@@ -337,11 +328,6 @@ class Zero12Strategy(Strategy):
     stage = 1
 
     def wrap(self, module: GPT, cfg: TrainConfig):
-        if not dist.is_initialized():
-            raise RuntimeError(
-                f"strategy {self.name!r} needs a process group: launch it with "
-                "run_distributed, torchrun or --world-size N"
-            )
         groups = optimizer_groups(list(module.parameters()), cfg)
         zero = ZeroRedundancyOptimizer(
             groups,

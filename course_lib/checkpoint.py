@@ -47,6 +47,10 @@ class Piece:
     data: torch.Tensor
 
 
+Pieces = dict[str, list["Piece"]]  # checkpoint name -> this rank's pieces of that tensor
+Shapes = dict[str, tuple[int, ...]]  # checkpoint name -> the whole tensor's shape
+
+
 def whole_piece(tensor: torch.Tensor) -> Piece:
     """Chapter 3: all of ``tensor`` as one piece (what a rank holding it whole writes)."""
     return Piece(0, tensor.numel(), tensor.detach().reshape(-1))
@@ -363,3 +367,91 @@ def flat_shard_from_full(layout: FlatLayout, tensors: list[torch.Tensor]) -> tor
         )
     flat = layout.flatten(tensors, like=tensors[0])  # (padded,), zeros in the padding
     return layout.shard(flat).clone()
+
+
+# ---------------------------------------------------------------------------------------
+# Canonical names: what every strategy writes and reads, so a checkpoint moves between them
+#   model/<parameter or buffer name>            the plain model's tensors, whole shapes
+#   optimizer/<parameter name>/<state key>      e.g. Adam's exp_avg, exp_avg_sq, step
+# ---------------------------------------------------------------------------------------
+
+
+def replicated_pieces(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, write: bool
+) -> tuple[Pieces, Shapes]:
+    """Chapter 3: checkpoint pieces of a model every rank holds whole (one writer suffices).
+
+    Only the rank with ``write`` contributes pieces; every rank returns the shapes.
+    """
+    tensors = {f"model/{n}": t for n, t in [*module.named_parameters(), *module.named_buffers()]}
+    for name, p in module.named_parameters():
+        state = optimizer.state.get(p, {}) if optimizer is not None else {}
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer/{name}/{key}"] = value
+    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+    pieces = {n: [whole_piece(t)] for n, t in tensors.items()} if write else {}
+    return pieces, shapes
+
+
+@torch.no_grad()
+def load_replicated(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    tensors: dict[str, torch.Tensor],
+) -> None:
+    """Chapter 3: the inverse of :func:`replicated_pieces`, from whole checkpoint tensors."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        t.copy_(tensors[f"model/{name}"])
+    for name, p in module.named_parameters():
+        prefix = f"optimizer/{name}/"
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if state and optimizer is not None:
+            optimizer.state[p] = {k: v.to(p.device) for k, v in state.items()}
+
+
+def flat_state_pieces(
+    layout: FlatLayout,
+    names: list[str],
+    shard: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    write_replicated: bool,
+) -> tuple[dict[str, list[Piece]], dict[str, tuple[int, ...]]]:
+    """Chapter 3: this rank's checkpoint pieces of one flat group (tensor ``i`` = ``names[i]``).
+
+    ``shard`` is this rank's fp32 piece of the parameters; the optimizer's state for it
+    (Adam's m and v) is cut the same way. A 0-d state such as Adam's ``step`` is the same
+    for every parameter of the group: written whole, once, by ``write_replicated``.
+    """
+    shapes = {f"model/{n}": tuple(s) for n, s in zip(names, layout.shapes, strict=True)}
+    pieces = flat_pieces(layout, [f"model/{n}" for n in names], shard.detach())
+    for key, value in optimizer.state.get(shard, {}).items():
+        keyed = [f"optimizer/{n}/{key}" for n in names]
+        if value.dim() == 0:
+            shapes.update({k: () for k in keyed})
+            pieces.update({k: [whole_piece(value)] for k in keyed} if write_replicated else {})
+        else:
+            shapes.update({k: tuple(s) for k, s in zip(keyed, layout.shapes, strict=True)})
+            pieces.update(flat_pieces(layout, keyed, value))
+    return pieces, shapes
+
+
+def load_flat_optimizer_state(
+    layout: FlatLayout,
+    names: list[str],
+    shard: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+) -> None:
+    """Chapter 3: the inverse of :func:`flat_state_pieces` for the optimizer's state."""
+    prefix = f"optimizer/{names[0]}/"
+    keys = sorted(k[len(prefix) :] for k in tensors if k.startswith(prefix))
+    state = {}
+    for key in keys:
+        whole = [tensors[f"optimizer/{n}/{key}"] for n in names]
+        if whole[0].dim() == 0:
+            state[key] = whole[0].clone()
+        else:
+            state[key] = flat_shard_from_full(layout, whole).to(shard.device)
+    if state:
+        optimizer.state[shard] = state

@@ -26,3 +26,13 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the tensors an optimizer keeps per parameter (m, v, momentum, ...)."""
     tensors = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     return sum(t.numel() * t.element_size() for t in tensors if t.dim() > 0)
+
+
+def replicated_memory(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Chapters 0-3: bytes held by a whole (replicated) model, its gradients and ``optimizer``."""
+    params = list(module.parameters())
+    return {
+        "params": held_bytes(params),
+        "grads": held_bytes(p.grad for p in params),
+        "optimizer": state_bytes(optimizer),
+    }

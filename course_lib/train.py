@@ -27,24 +27,24 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from course_lib.checkpoint import (
-    Piece,
+    Pieces,
+    Shapes,
     atomic_write,
     check_names,
     load_full,
     load_manifest,
+    load_replicated,
+    replicated_pieces,
     save_sharded,
-    whole_piece,
 )
 from course_lib.data import ByteDataset, batch_for, check_batch_shape
-from course_lib.memory import held_bytes, state_bytes
+from course_lib.memory import replicated_memory
 from course_lib.model import GPT, GPTConfig, loss_fn
 from course_lib.topology import Topology
 
 if TYPE_CHECKING:
     from course_lib.launch import DistContext
 
-Pieces = dict[str, list[Piece]]  # checkpoint name -> this rank's pieces of that tensor
-Shapes = dict[str, tuple[int, ...]]  # checkpoint name -> the whole tensor's shape
 
 CHECKPOINT_NAME = "checkpoint"  # a folder: one file per rank + manifest.json
 METRICS_NAME = "metrics.json"
@@ -246,52 +246,6 @@ class LocalGradients(WholeModelSync):
 
     def finish_gradient_synchronization(self) -> None:
         pass
-
-
-def replicated_memory(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Chapters 0-3: bytes held by a whole (replicated) model, its gradients and ``optimizer``."""
-    params = list(module.parameters())
-    return {
-        "params": held_bytes(params),
-        "grads": held_bytes(p.grad for p in params),
-        "optimizer": state_bytes(optimizer),
-    }
-
-
-def replicated_pieces(
-    module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, write: bool
-) -> tuple[Pieces, Shapes]:
-    """Chapter 3: checkpoint pieces of a model every rank holds whole (one writer suffices).
-
-    Names: ``model/<parameter or buffer>`` and ``optimizer/<parameter>/<state key>``, the
-    canonical names every strategy writes and reads, so a checkpoint moves between them.
-    Only the rank with ``write`` contributes pieces; every rank returns the shapes.
-    """
-    tensors = {f"model/{n}": t for n, t in [*module.named_parameters(), *module.named_buffers()]}
-    for name, p in module.named_parameters():
-        state = optimizer.state.get(p, {}) if optimizer is not None else {}
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer/{name}/{key}"] = value
-    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
-    pieces = {n: [whole_piece(t)] for n, t in tensors.items()} if write else {}
-    return pieces, shapes
-
-
-@torch.no_grad()
-def load_replicated(
-    module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    tensors: dict[str, torch.Tensor],
-) -> None:
-    """Chapter 3: the inverse of :func:`replicated_pieces`, from whole checkpoint tensors."""
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        t.copy_(tensors[f"model/{name}"])
-    for name, p in module.named_parameters():
-        prefix = f"optimizer/{name}/"
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if state and optimizer is not None:
-            optimizer.state[p] = {k: v.to(p.device) for k, v in state.items()}
 
 
 def train_step(

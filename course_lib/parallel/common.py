@@ -15,9 +15,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from course_lib.checkpoint import Piece, flat_pieces, flat_shard_from_full, whole_piece
-from course_lib.flat import FlatLayout
-
 
 class SyncSwitch:
     """Chapters 2-3: the ``no_sync()`` switch every gradient sync has.
@@ -125,55 +122,3 @@ def check_optimizer_class(optimizer_class: Any) -> None:
             f"optimizer_class must be a torch.optim.Optimizer subclass such as torch.optim.AdamW, "
             f"got {optimizer_class!r}; pass the class itself, not an instance"
         )
-
-
-# ---------------------------------------------------------------------------------------
-# Sharded checkpoints of flat pieces (ZeRO-1/2 and FSDP): canonical names, any world size
-# ---------------------------------------------------------------------------------------
-
-
-def flat_state_pieces(
-    layout: FlatLayout,
-    names: list[str],
-    shard: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    write_replicated: bool,
-) -> tuple[dict[str, list[Piece]], dict[str, tuple[int, ...]]]:
-    """Chapter 3: this rank's checkpoint pieces of one flat group (tensor ``i`` = ``names[i]``).
-
-    ``shard`` is this rank's fp32 piece of the parameters; the optimizer's state for it
-    (Adam's m and v) is cut the same way. A 0-d state such as Adam's ``step`` is the same
-    for every parameter of the group: written whole, once, by ``write_replicated``.
-    """
-    shapes = {f"model/{n}": tuple(s) for n, s in zip(names, layout.shapes, strict=True)}
-    pieces = flat_pieces(layout, [f"model/{n}" for n in names], shard.detach())
-    for key, value in optimizer.state.get(shard, {}).items():
-        keyed = [f"optimizer/{n}/{key}" for n in names]
-        if value.dim() == 0:
-            shapes.update({k: () for k in keyed})
-            pieces.update({k: [whole_piece(value)] for k in keyed} if write_replicated else {})
-        else:
-            shapes.update({k: tuple(s) for k, s in zip(keyed, layout.shapes, strict=True)})
-            pieces.update(flat_pieces(layout, keyed, value))
-    return pieces, shapes
-
-
-def load_flat_optimizer_state(
-    layout: FlatLayout,
-    names: list[str],
-    shard: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    tensors: dict[str, torch.Tensor],
-) -> None:
-    """Chapter 3: the inverse of :func:`flat_state_pieces` for the optimizer's state."""
-    prefix = f"optimizer/{names[0]}/"
-    keys = sorted(k[len(prefix) :] for k in tensors if k.startswith(prefix))
-    state = {}
-    for key in keys:
-        whole = [tensors[f"optimizer/{n}/{key}"] for n in names]
-        if whole[0].dim() == 0:
-            state[key] = whole[0].clone()
-        else:
-            state[key] = flat_shard_from_full(layout, whole).to(shard.device)
-    if state:
-        optimizer.state[shard] = state

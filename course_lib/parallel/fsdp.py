@@ -18,6 +18,13 @@ import torch.distributed as dist
 from torch import nn
 
 from course_lib import collectives as C
+from course_lib.checkpoint import (
+    Pieces,
+    Shapes,
+    flat_state_pieces,
+    load_flat_optimizer_state,
+    replicated_pieces,
+)
 from course_lib.flat import FlatLayout
 from course_lib.memory import held_bytes, state_bytes
 from course_lib.model import GPT
@@ -26,17 +33,12 @@ from course_lib.parallel.common import (
     broadcast_module,
     check_same_model,
     clip_grad_norm_,
-    flat_state_pieces,
-    load_flat_optimizer_state,
     require_member,
 )
 from course_lib.train import (
-    Pieces,
-    Shapes,
     Strategy,
     TrainConfig,
     adamw_settings,
-    replicated_pieces,
 )
 
 

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from course_lib.checkpoint import Piece, whole_piece
+from course_lib.checkpoint import Piece, load_replicated, replicated_pieces, whole_piece
 from course_lib.collectives import CommCounter
 from course_lib.data import check_batch_shape, get_batch
 from course_lib.flat import FlatLayout
@@ -62,9 +62,7 @@ from course_lib.train import (
     Strategy,
     TrainConfig,
     build_model,
-    load_replicated,
     lr_at,
-    replicated_pieces,
 )
 
 if TYPE_CHECKING:

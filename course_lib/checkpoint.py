@@ -211,11 +211,13 @@ def save_sharded(
     last all-gather makes every rank return after that, or raise if rank 0 failed.
     """
     directory = Path(directory)
-    _check_pieces(pieces, shapes)
     _check_target(directory, group, rank, world_size, meta)
     staging = _sibling(directory, ".partial")
-    # 1. Every rank writes its own file; a failure is reported to all, not raised alone.
-    error = _attempt(lambda: _write_pieces(staging / _rank_file(rank), pieces))
+    # 1. Every rank checks and writes its own file; a failure is reported to all ranks
+    # through the all-gather below, never raised alone while the others wait in it.
+    error = _attempt(lambda: _check_pieces(pieces, shapes)) or _attempt(
+        lambda: _write_pieces(staging / _rank_file(rank), pieces)
+    )
     index = [(n, p.start, p.stop, str(p.data.dtype).removeprefix("torch."))
              for n, ps in pieces.items() for p in ps]  # fmt: skip
     gathered = _all_gather((index, repr(error) if error else None), world_size, group)
@@ -406,8 +408,10 @@ def load_replicated(
     for name, p in module.named_parameters():
         prefix = f"optimizer/{name}/"
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if state and optimizer is not None:
-            optimizer.state[p] = {k: v.to(p.device) for k, v in state.items()}
+        if state and optimizer is not None:  # a 0-d step counter stays on the CPU, as torch's
+            optimizer.state[p] = {
+                k: v.to(p.device) if v.dim() else v.clone() for k, v in state.items()
+            }
 
 
 def flat_state_pieces(

@@ -200,9 +200,11 @@ class GPT(nn.Module):
         """Residual stream (B, T, C) -> logits (B, T, vocab): final LayerNorm, then LM head."""
         return self.lm_head(self.ln_f(x))
 
-    def forward(self, idx: torch.Tensor, *targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, *args: torch.Tensor, **kwargs: torch.Tensor
+    ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab). The loss is :func:`loss_fn`."""
-        if targets:
+        if args or kwargs:  # model(x, y) or model(x, targets=y): the old, loss-inside API
             raise TypeError(
                 "GPT.forward takes only idx: the loss is outside forward now: "
                 "loss_fn(model(idx), targets)"

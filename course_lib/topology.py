@@ -15,7 +15,9 @@ exists, with the same sizes. It creates *every* group of every axis with
 ranks, even for groups they are not in), and keeps the three this rank belongs to. A
 group of one rank, or one spanning the whole world, is made the same way rather than
 special-cased as ``None`` or ``dist.group.WORLD``: one code path, and a size-1 group's
-collectives are no-ops, so a strategy never needs an ``if group is None``. Each group's
+collectives are no-ops, so a strategy never needs an ``if group is None``. (The one
+exception: a single process without ``torch.distributed``, ``Topology()``, where all
+three groups are ``None`` and nothing communicates.) Each group's
 ranks ascend, so ``tp_ranks()[i]`` is the rank whose group rank is ``i``. Before creating
 groups the ranks compare their sizes (one ``all_gather_object``): a rank that asked for
 another grid fails with a clear error instead of hanging inside ``new_group``.
@@ -82,6 +84,8 @@ class Topology:
     """Chapter 7: this rank's place on the DP x PP x TP grid, and the groups of each axis."""
 
     def __init__(self, dp: int = 1, pp: int = 1, tp: int = 1) -> None:
+        if dist.is_initialized():  # first: a rank that asked for other sizes must not hang
+            _check_same_everywhere((dp, pp, tp))
         self.world_size = _check_sizes({"dp": dp, "pp": pp, "tp": tp})
         self.dp, self.pp, self.tp = dp, pp, tp
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -92,7 +96,6 @@ class Topology:
         if not dist.is_initialized():  # one process: every group is just rank 0
             self._ranks = {axis: [0] for axis in AXES}
         else:
-            _check_same_everywhere((dp, pp, tp))
             for dim, axis in enumerate(AXES):
                 lines = grid.movedim(dim, -1).reshape(-1, grid.shape[dim])  # (groups, size)
                 for members in lines.tolist():  # same order on every rank

@@ -40,6 +40,7 @@ from course_lib.checkpoint import (
 from course_lib.data import ByteDataset, batch_for, check_batch_shape
 from course_lib.memory import replicated_memory
 from course_lib.model import GPT, GPTConfig, loss_fn
+from course_lib.parallel.common import global_mean
 from course_lib.topology import Topology
 
 if TYPE_CHECKING:
@@ -177,6 +178,9 @@ class GradientSync(Protocol):
     def finish_gradient_synchronization(self) -> None:
         """After backward: leave this rank with the gradients the optimizer must apply."""
 
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The parameters the optimizer steps (FSDP: this rank's flat shards)."""
+
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip the GLOBAL gradient by its norm (over every shard, once); return the norm."""
 
@@ -210,6 +214,9 @@ class WholeModelSync:
 
     def writes_checkpoint(self) -> bool:
         return True
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:
+        return self.module.parameters(recurse)
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Every rank holds the whole gradient: torch's clipping, no communication."""
@@ -349,9 +356,7 @@ class Strategy:
         """The global batch's loss from this data rank's: the mean over the data ranks."""
         if self.topology.dp == 1:
             return loss.item()
-        total = loss.detach().reshape(1).to(torch.float64)
-        dist.all_reduce(total, group=self.topology.dp_group)
-        return total.item() / self.topology.dp
+        return global_mean(loss, self.topology.dp_group)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
         cfg = self.train_config
@@ -370,9 +375,9 @@ class Strategy:
         self.sync.load_state_pieces(tensors, self.optimizer)
 
     def full_model(self) -> GPT:
-        model = GPT(self.model_config)
+        model = build_model(self.model_config, 0, self.device)  # weights replaced below
         model.load_state_dict(self.sync.full_state_dict())
-        return model.to(self.device)
+        return model
 
 
 class SingleDevice(Strategy):
@@ -475,13 +480,9 @@ def is_eval_step(step: int, cfg: TrainConfig) -> bool:
     return (step + 1) % cfg.eval_interval == 0 or step == cfg.steps - 1
 
 
-def _batch(strategy: Strategy, data: torch.Tensor, cfg: TrainConfig, step: int) -> tuple:
-    return strategy.batch(data, cfg, step)
-
-
 def evaluate(strategy: Strategy, dataset: ByteDataset, cfg: TrainConfig) -> float:
     """Mean validation loss over ``cfg.eval_batches`` fixed batches (chapter 0)."""
-    batches = (_batch(strategy, dataset.val, cfg, i) for i in range(cfg.eval_batches))
+    batches = (strategy.batch(dataset.val, cfg, i) for i in range(cfg.eval_batches))
     losses = [strategy.eval_loss(x, y) for x, y in batches]
     return sum(losses) / len(losses)
 
@@ -501,7 +502,7 @@ class _Run:
         return {"model_config": asdict(self.model_config), "train_config": asdict(self.cfg)}
 
 
-def _world(strategy: Strategy) -> tuple[int, int, Any]:
+def _world() -> tuple[int, int, Any]:
     """(global rank, world size, world group) of this launch; (0, 1, None) for one process."""
     if not dist.is_initialized():
         return 0, 1, None
@@ -543,7 +544,7 @@ def _save_outputs(run: _Run, stop: int, metrics: list[dict[str, Any]]) -> None:
         topology = run.strategy.topology
         meta["topology"] = topology.describe() if topology is not None else None
         meta["rng"] = rng_state(run.strategy.device)
-        rank, world, group = _world(run.strategy)
+        rank, world, group = _world()
         save_sharded(run.out / CHECKPOINT_NAME, pieces, shapes, rank=rank, world_size=world,
                      group=group, meta=meta)  # fmt: skip
     if main and (done == stop or metrics[-1]["val_loss"] is not None):
@@ -554,7 +555,7 @@ def _save_outputs(run: _Run, stop: int, metrics: list[dict[str, Any]]) -> None:
 def _run_step(run: _Run, step: int) -> dict[str, Any]:
     """One training step, timed, and an evaluation after it when one is due."""
     cfg, start, lr = run.cfg, time.perf_counter(), lr_at(step, run.cfg)
-    loss = run.strategy.train_step(*_batch(run.strategy, run.dataset.train, cfg, step), lr)
+    loss = run.strategy.train_step(*run.strategy.batch(run.dataset.train, cfg, step), lr)
     dt = time.perf_counter() - start
     tokens_per_s = cfg.batch_size * cfg.seq_len / dt
     row = dict(step=step, loss=loss, lr=lr, step_time_s=dt, tokens_per_s=tokens_per_s)

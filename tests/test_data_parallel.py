@@ -235,5 +235,5 @@ def test_a_group_this_rank_is_not_in_is_refused_before_any_communication(wrapper
         run_distributed(W.wrap_with_another_ranks_group, 2, wrapper, backend="gloo",
                         timeout_s=60, threads_per_rank=1)  # fmt: skip
     message = str(info.value)
-    assert "global rank 1 is not a member of the group" in message
+    assert "this rank is not a member of the group it was given (global ranks [0])" in message
     assert "Topology.dp_group" in message

@@ -66,6 +66,8 @@ def test_the_old_two_argument_call_fails_loudly():
     idx = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(TypeError, match=r"loss_fn\(model\(idx\), targets\)"):
         model(idx, idx)
+    with pytest.raises(TypeError, match=r"loss_fn\(model\(idx\), targets\)"):
+        model(idx, targets=idx)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from course_lib.data import load_text, make_dataset
-from course_lib.launch import run_distributed
+from course_lib.launch import RankError, run_distributed
 from course_lib.model import GPTConfig
 from course_lib.train import STRATEGIES, TrainConfig, make_strategy, train, train_worker
 
@@ -212,3 +212,12 @@ def test_benchmark_smoke_memory_equals_the_formula():
         assert row["step_ms"] > 0
     zero12 = [r for r in table if r["mode"] in ("zero1", "zero2")]
     assert all(r["sent_mb"] == pytest.approx(r["formula_sent_mb"], rel=1e-3) for r in zero12)
+
+
+def test_a_parameter_server_refuses_a_data_parallel_checkpoint(dataset, zero3_stopped, tmp_path):
+    _, checkpoint = zero3_stopped
+    shutil.copytree(checkpoint, tmp_path, dirs_exist_ok=True)
+    with pytest.raises(RankError, match="not by a parameter server"):
+        run_distributed(train_worker, 2, "ps-sync", model_config=MODEL, train_config=CONFIG,
+                        dataset=dataset, out_dir=tmp_path, resume=True, progress=False,
+                        backend="gloo", timeout_s=120, threads_per_rank=1)  # fmt: skip

@@ -43,8 +43,8 @@ def require_member(group: dist.ProcessGroup, what: str) -> None:
     if dist.get_rank(group) < 0:
         members = dist.get_process_group_ranks(group)
         raise ValueError(
-            f"{what}: global rank {dist.get_rank()} is not a member of the group it was given "
-            f"(global ranks {members}); pass this rank's own group, e.g. Topology.dp_group"
+            f"{what}: this rank is not a member of the group it was given (global ranks "
+            f"{members}); pass this rank's own group, e.g. Topology.dp_group"
         )
 
 
@@ -101,10 +101,12 @@ def clip_grad_norm_(
     squared piece norms (one all-reduce over ``group``); then each piece is scaled as
     ``torch.nn.utils.clip_grad_norm_`` would scale the whole gradient.
     """
+    shards = list(shards)
     grads = [p.grad for p in shards if p.grad is not None]
-    squares = torch.zeros(1, dtype=torch.float64)
+    device = shards[0].device if shards else torch.device("cpu")  # NCCL needs CUDA tensors
+    squares = torch.zeros(1, dtype=torch.float64, device=device)
     for g in grads:
-        squares += g.detach().double().pow(2).sum().cpu()
+        squares += g.detach().double().pow(2).sum()
     dist.all_reduce(squares, group=group)
     total = squares.sqrt().item()
     scale = min(1.0, max_norm / (total + 1e-6))

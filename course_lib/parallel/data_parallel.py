@@ -270,7 +270,8 @@ class DataParallel(WholeModelSync, SyncSwitch, nn.Module):
                 "finish_gradient_synchronization() inside no_sync(): call it "
                 "after the backward that runs outside no_sync()"
             )
-        had_grad = torch.tensor([p.grad is not None for p in self.params], dtype=torch.int32)
+        had_grad = torch.tensor([p.grad is not None for p in self.params], dtype=torch.int32,
+                                device=self.params[0].device if self.params else "cpu")  # fmt: skip
         if self.mode == "naive":
             self._naive()
         else:

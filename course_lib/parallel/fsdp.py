@@ -256,8 +256,8 @@ class FullyShardedDataParallel(SyncSwitch, nn.Module):
         """Chapter 3: after backward, check every unit that ran has reduced its gradients.
 
         A unit that ran in forward but got no gradient (unused output) is freed and its
-        pieces keep ``grad=None``, as on one device. No communication here, so a unit
-        must be used by every rank or by none in a step.
+        pieces keep ``grad=None``, as on one device. A partly used unit is
+        reduce-scattered here, so a unit must be used by every rank or by none in a step.
         """
         if not self.require_sync:
             raise RuntimeError(

@@ -63,6 +63,7 @@ from course_lib.train import (
     TrainConfig,
     build_model,
     lr_at,
+    train_step,
 )
 
 if TYPE_CHECKING:
@@ -382,6 +383,12 @@ class ParameterServer(Strategy):
         return pieces, shapes
 
     def load_state_pieces(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if "ps/updates" not in tensors:
+            raise ValueError(
+                f"this checkpoint was written by strategy {meta.get('strategy')!r}, not by a "
+                "parameter server: resume a ps-* run from a ps-* checkpoint (it needs the "
+                "server's update count), or start without resume"
+            )
         load_replicated(self.model, None, tensors)
         step, self.updates = meta["step"], int(tensors["ps/updates"])
         self.clocks, self.pushed = [step] * len(self.clocks), step
@@ -447,11 +454,5 @@ class SGDReference(SingleDevice):
         self.optimizer = torch.optim.SGD(params, lr=train_config.lr, foreach=False)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.train()
-        loss = loss_fn(self.model(x), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
+        """The one train_step template with plain SGD and no clipping."""
+        return train_step(self.model, self.optimizer, self.sync, x, y, lr, 0.0).item()

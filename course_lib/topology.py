@@ -104,6 +104,21 @@ class Topology:
                         self._ranks[axis], self._groups[axis] = members, group
         self.dp_group, self.pp_group, self.tp_group = self._groups.values()
 
+    @classmethod
+    def single(cls) -> Topology:
+        """Chapter 0: one process on its own, even inside a launched world: no groups.
+
+        The single-device reference's view: dp = pp = tp = 1, every rank 0, every group
+        ``None``, so nothing it does communicates (no collective to wait for).
+        """
+        topology = cls.__new__(cls)
+        topology.dp = topology.pp = topology.tp = topology.world_size = 1
+        topology.rank = topology.dp_rank = topology.pp_rank = topology.tp_rank = 0
+        topology._ranks = {axis: [0] for axis in AXES}
+        topology._groups = dict.fromkeys(AXES)
+        topology.dp_group = topology.pp_group = topology.tp_group = None
+        return topology
+
     @property
     def is_first_stage(self) -> bool:
         """True on the first pipeline stage (pp_rank == 0): it reads the input tokens."""

@@ -395,7 +395,7 @@ class SingleDevice(Strategy):
         super().__init__(ctx)
 
     def make_topology(self) -> Topology:
-        return Topology(dp=1) if not dist.is_initialized() else Topology(dp=dist.get_world_size())
+        return Topology.single()  # never communicates, even run inside a launched world
 
     def wrap(self, module: GPT, cfg: TrainConfig):
         return module, make_optimizer(module, cfg), LocalGradients(module)

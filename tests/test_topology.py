@@ -171,3 +171,13 @@ def test_factorisations_lists_every_grid_largest_dp_first():
     twelve = factorisations(12)
     assert len(twelve) == len(set(twelve)) == 18
     assert all(dp * pp * tp == 12 for dp, pp, tp in twelve)
+
+
+def test_single_is_one_process_without_groups():
+    """The single-device reference's topology: rank 0 of 1, no group to talk over."""
+    t = Topology.single()
+    assert (t.dp, t.pp, t.tp, t.world_size) == (1, 1, 1, 1)
+    assert (t.dp_rank, t.pp_rank, t.tp_rank) == (0, 0, 0)
+    assert t.dp_group is None and t.pp_group is None and t.tp_group is None
+    assert t.is_first_stage and t.is_last_stage and t.dp_ranks() == [0]
+    assert t.describe() == {"dp": 1, "pp": 1, "tp": 1, "world_size": 1}

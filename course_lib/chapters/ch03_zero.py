@@ -18,7 +18,7 @@ from course_lib.data import batch_for, get_batch, load_text, make_dataset
 from course_lib.launch import DistContext
 from course_lib.model import GPTConfig, loss_fn
 from course_lib.parallel.data_parallel import DataParallel
-from course_lib.parallel.fsdp import FullyShardedDataParallel
+from course_lib.parallel.fsdp import FullyShardedDataParallel, decay_groups
 from course_lib.parallel.zero import ZeroRedundancyOptimizer, zero_memory_formula
 from course_lib.topology import Topology
 from course_lib.train import TrainConfig, adamw_settings, build_model, optimizer_groups
@@ -58,12 +58,7 @@ def _wrap(stage: str, model: torch.nn.Module, cfg: TrainConfig, counter: C.CommC
     fsdp = FullyShardedDataParallel(
         model, group=group, group_of=lambda p: int(p.dim() >= 2), counter=counter
     )
-    shards = fsdp.shard_parameters()
-    groups = [
-        {"params": [s for k, s in shards if k == 1], "weight_decay": cfg.weight_decay},
-        {"params": [s for k, s in shards if k == 0], "weight_decay": 0.0},
-    ]
-    return fsdp, torch.optim.AdamW(groups, **adamw), fsdp
+    return fsdp, torch.optim.AdamW(decay_groups(fsdp, cfg.weight_decay), **adamw), fsdp
 
 
 def _same_on_every_rank(params: dict[str, torch.Tensor], group) -> bool:

@@ -349,6 +349,19 @@ class FullyShardedDataParallel(SyncSwitch, nn.Module):
             load_flat_optimizer_state(st.layout, names, st.shard, optimizer, tensors)
 
 
+def decay_groups(fsdp: FullyShardedDataParallel, weight_decay: float) -> list[dict[str, Any]]:
+    """Chapter 3: AdamW's two groups over the shards, built with ``group_of = p.dim() >= 2``.
+
+    The pieces are 1-D, so their group key, not their shape, says which ones hold the
+    2-D weights that are decayed.
+    """
+    shards = fsdp.shard_parameters()
+    return [
+        {"params": [s for k, s in shards if k == 1], "weight_decay": weight_decay},
+        {"params": [s for k, s in shards if k == 0], "weight_decay": 0.0},
+    ]
+
+
 # ---------------------------------------------------------------------------------------
 # The training loop's strategy: `python -m course_lib train --strategy zero3`
 # ---------------------------------------------------------------------------------------
@@ -370,9 +383,5 @@ class Zero3Strategy(Strategy):
             compute_dtype=self.compute_dtype,
             group_of=lambda p: int(p.dim() >= 2),  # 1: the 2-D weights AdamW decays
         )
-        shards = fsdp.shard_parameters()
-        groups = [
-            {"params": [s for k, s in shards if k == 1], "weight_decay": cfg.weight_decay},
-            {"params": [s for k, s in shards if k == 0], "weight_decay": 0.0},
-        ]
+        groups = decay_groups(fsdp, cfg.weight_decay)
         return fsdp, torch.optim.AdamW(groups, **adamw_settings(cfg)), fsdp

@@ -1,4 +1,4 @@
-"""Command line: ``python -m course_lib train ...`` (chapter 0).
+"""Command line: ``python -m course_lib train ...`` (chapter 0) and ``... grade`` (exercises).
 
 This is the entry point: the only module that reads the environment (torchrun's
 variables). ``python -m course_lib train --help`` lists every option with its default.
@@ -146,7 +146,30 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_model_args, _add_train_args, _add_data_args, _add_run_args):
         add(train_parser)
     train_parser.set_defaults(func=cmd_train, error=train_parser.error)
+    grade_parser = commands.add_parser(
+        "grade",
+        help="run your exercise notebooks under nbval and print a score table",
+        description="Grade exercise notebooks: run each under nbval, then print, per "
+        "notebook, the grader cells passed out of all and each failure's hint. Exit status "
+        "1 while any grader cell fails. Save your notebook before grading it.",
+        formatter_class=Formatter,
+    )
+    grade_parser.add_argument(
+        "notebooks", nargs="*", type=Path, metavar="NOTEBOOK",
+        help="exercise notebooks to grade (default: every notebook in exercises/)",
+    )  # fmt: skip
+    grade_parser.add_argument(
+        "--cell-timeout", type=int, default=600, help="seconds one cell may run"
+    )
+    grade_parser.set_defaults(func=cmd_grade, error=grade_parser.error)
     return parser
+
+
+def cmd_grade(args: argparse.Namespace) -> int:
+    """``python -m course_lib grade``: the student's score table (course_lib.grading.report)."""
+    from course_lib.grading import report  # pytest and nbval load only for this command
+
+    return report.main(args.notebooks, args.cell_timeout)
 
 
 def _configs(args: argparse.Namespace) -> tuple[GPTConfig, TrainConfig]:

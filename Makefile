@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # e.g. `make TORCH_SPEC='torch==2.11.*' train`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv train test lab book clean
+.PHONY: venv train test grade lab book clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ train: venv
 test: venv
 	$(PY) -m ruff check .
 	COURSE_SMOKE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# Grade your exercise notebooks (save them first): a score table with each failure's hint.
+grade: venv
+	$(PY) -m course_lib grade $(NOTEBOOKS)
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/

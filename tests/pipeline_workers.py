@@ -1,0 +1,33 @@
+"""Workers for tests/test_pipeline.py (spawned ranks import them by name)."""
+
+import torch
+
+from course_lib.model import GPT, GPTConfig
+from course_lib.parallel import schedules as S
+from course_lib.parallel.pipeline import PipelineParallel
+from course_lib.topology import Topology
+
+CONFIG = GPTConfig(n_layer=4, n_head=2, n_embd=16, block_size=8, dropout=0.0)
+SCHEDULES = {"gpipe": S.gpipe, "1f1b": S.one_f_one_b, "interleaved": S.interleaved_1f1b,
+             "zb": S.zero_bubble_h1}  # fmt: skip
+
+
+def batch(n: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, CONFIG.vocab_size, (n, CONFIG.block_size + 1), generator=gen)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def model(config: GPTConfig = CONFIG) -> GPT:
+    torch.manual_seed(0)
+    return GPT(config)
+
+
+def pipeline_grads(ctx, schedule: str, microbatches: int, chunks: int, n: int, tied: bool):
+    """One pipeline step; this rank's loss and gradients by full-model name."""
+    torch.set_num_threads(1)
+    cfg = GPTConfig(**{**CONFIG.__dict__, "tie_weights": tied})
+    pp = PipelineParallel(model(cfg), Topology(pp=ctx.world_size), SCHEDULES[schedule],
+                          microbatches, chunks)  # fmt: skip
+    loss = pp.run(*batch(n))
+    return loss, {name: p.grad.clone() for name, p in pp.named_parameters()}

@@ -1,0 +1,50 @@
+"""Chapter 5: every schedule on real ranks gives the single device's loss and gradients."""
+
+import pipeline_workers as W
+import pytest
+import torch
+
+from course_lib.launch import run_distributed
+from course_lib.model import GPTConfig, loss_fn
+from course_lib.parallel.pipeline import split_blocks
+
+
+def _reference(tied: bool, n: int):
+    torch.set_num_threads(1)
+    model = W.model(GPTConfig(**{**W.CONFIG.__dict__, "tie_weights": tied}))
+    x, y = W.batch(n)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return float(loss.detach()), grads
+
+
+CASES = [("gpipe", 2, 2, 1), ("gpipe", 3, 4, 1), ("1f1b", 2, 3, 1), ("1f1b", 4, 4, 1),
+         ("1f1b", 3, 6, 1), ("zb", 2, 2, 1), ("zb", 3, 4, 1), ("interleaved", 2, 2, 2),
+         ("gpipe", 4, 5, 1)]  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("schedule, p, m, v", CASES)
+@pytest.mark.parametrize("tied", [True, False])
+def test_schedule_matches_single_device(schedule, p, m, v, tied):
+    n = 12 if m != 5 else 10
+    ref_loss, ref = _reference(tied, n)
+    results = run_distributed(W.pipeline_grads, p, schedule, m, v, n, tied, timeout_s=90)
+    seen = set()
+    for rank, (loss, grads) in enumerate(results):
+        assert loss == pytest.approx(ref_loss, rel=1e-6), rank
+        for name, grad in grads.items():
+            want = ref["wte.weight" if name == "lm_head.weight" and tied else name]
+            torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6, msg=f"{name} rank {rank}")
+            seen.add("wte.weight" if name == "lm_head.weight" and tied else name)
+    assert seen == set(ref), set(ref) - seen
+
+
+def test_split_blocks():
+    assert split_blocks(5, 2) == [range(0, 3), range(3, 5)]
+    assert split_blocks(4, 2, [1, 3]) == [range(0, 1), range(1, 4)]
+    with pytest.raises(ValueError, match="only 2 blocks"):
+        split_blocks(2, 3)
+    with pytest.raises(ValueError, match="at least one block"):
+        split_blocks(4, 2, [4, 0])

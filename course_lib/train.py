@@ -415,15 +415,20 @@ STRATEGIES: dict[str, str] = {
     "ps-sync": "course_lib.parallel.parameter_server:ps_sync",  # chapter 4: synchronous server
     "ps-async": "course_lib.parallel.parameter_server:ps_async",  # chapter 4: asynchronous
     "ps-ssp": "course_lib.parallel.parameter_server:ps_ssp",  # chapter 4: bounded staleness
+    "pp": "course_lib.parallel.pipeline_strategy:pipeline_strategy",  # chapter 5: pipeline
 }
 
 
-def make_strategy(name: str, ctx: DistContext | None = None) -> Strategy:
-    """The strategy registered as ``name`` in :data:`STRATEGIES`, built for ``ctx``."""
+def make_strategy(name: str, ctx: DistContext | None = None, **options: Any) -> Strategy:
+    """The strategy registered as ``name`` in :data:`STRATEGIES`, built for ``ctx``.
+
+    ``options`` go to the strategy's factory (chapter 5's pipeline: ``schedule``,
+    ``microbatches``, ``chunks``); the other strategies take none.
+    """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
     module_name, factory = STRATEGIES[name].split(":")
-    return getattr(importlib.import_module(module_name), factory)(ctx)
+    return getattr(importlib.import_module(module_name), factory)(ctx, **options)
 
 
 @dataclass
@@ -604,12 +609,17 @@ def train(
     return TrainResult(metrics=metrics, model=strategy.full_model(), metrics_path=metrics_path)
 
 
-def train_worker(ctx: DistContext, strategy_name: str, **train_kwargs: Any) -> TrainResult | None:
+def train_worker(
+    ctx: DistContext,
+    strategy_name: str,
+    strategy_options: dict[str, Any] | None = None,
+    **train_kwargs: Any,
+) -> TrainResult | None:
     """One rank of a launched run (chapter 2 on): ``train(strategy=<named strategy>, ...)``.
 
     Lives in an importable module so that spawned ranks can unpickle it. ``train_kwargs``
     are :func:`train`'s arguments. Returns the result on the main rank, None elsewhere.
     """
-    strategy = make_strategy(strategy_name, ctx)
+    strategy = make_strategy(strategy_name, ctx, **(strategy_options or {}))
     result = train(strategy=strategy, **train_kwargs)
     return result if strategy.is_main else None

@@ -48,3 +48,32 @@ def test_split_blocks():
         split_blocks(2, 3)
     with pytest.raises(ValueError, match="at least one block"):
         split_blocks(4, 2, [4, 0])
+
+
+# --- The training loop: `--strategy pp` reproduces `single`'s losses --------------------
+
+LOOP = [("gpipe", 2, 4, 1), ("1f1b", 3, 3, 1), ("zb", 2, 4, 1), ("interleaved", 2, 2, 2)]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("schedule, p, m, v", LOOP)
+def test_training_loop_reproduces_single_device(schedule, p, m, v):
+    from course_lib.data import load_text, make_dataset
+    from course_lib.train import TrainConfig, train, train_worker
+
+    model = GPTConfig(n_layer=4, n_head=2, n_embd=32, block_size=16)
+    cfg = TrainConfig(steps=4, batch_size=12, seq_len=16, warmup_steps=1, eval_interval=2,
+                      eval_batches=1, grad_clip=1.0)  # fmt: skip
+    data = make_dataset(load_text(None), 0.1)
+    single = train(model, cfg, data, progress=False)
+    options = {"schedule": schedule, "microbatches": m, "chunks": v}
+    ours = run_distributed(train_worker, p, "pp", options, model_config=model, train_config=cfg,
+                           dataset=data, progress=False, timeout_s=240,
+                           threads_per_rank=1)[0]  # fmt: skip
+    for key in ("loss", "val_loss"):
+        got = [r[key] for r in ours.metrics if r[key] is not None]
+        want = [r[key] for r in single.metrics if r[key] is not None]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    want = single.model.state_dict()
+    for name, value in ours.model.state_dict().items():
+        torch.testing.assert_close(value, want[name], rtol=1e-4, atol=1e-5, msg=name)

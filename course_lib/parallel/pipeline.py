@@ -150,6 +150,7 @@ class PipelineParallel:
         compute_s: tuple[float, float, float] = (0.0, 0.0, 0.0),
     ) -> None:
         p, self.rank = topology.pp, topology.pp_rank
+        self.width = model.config.n_embd
         self.p, self.m, self.chunks = p, microbatches, chunks
         self.group, self.compute_s = topology.pp_group, compute_s
         full = schedule(p, microbatches, chunks) if chunks > 1 else schedule(p, microbatches)
@@ -196,9 +197,7 @@ class PipelineParallel:
         """
         self._check_batch(x)
         xs, ys = x.chunk(self.m), y.chunk(self.m)
-        b, T = xs[0].shape
-        width = self.stages[0].blocks[str(self.stages[0].block_ids[0])].ln_1.normalized_shape
-        shape, dtype = (b, T, width[0]), next(iter(self.parameters())).dtype
+        shape, dtype = self._activation(xs[0])
         inputs: dict[tuple[int, int], torch.Tensor] = {}  # (mb, chunk) -> stage input
         outputs: dict[tuple[int, int], torch.Tensor] = {}  # (mb, chunk) -> output or loss
         grads: dict[tuple[int, int], torch.Tensor | None] = {}  # output gradients
@@ -239,6 +238,31 @@ class PipelineParallel:
         if self.tied:
             self._sum_tied_gradient()
         return self._share_loss(loss)
+
+    @torch.no_grad()
+    def evaluate(
+        self, x: torch.Tensor, y: torch.Tensor, loss: Callable[..., torch.Tensor] = loss_fn
+    ) -> float:
+        """The mean loss of ``(x, y)``, forwards only (each rank's F actions, in order)."""
+        self._check_batch(x)
+        xs, ys = x.chunk(self.m), y.chunk(self.m)
+        shape, dtype = self._activation(xs[0])
+        total, sends = torch.zeros((), dtype=torch.float32), []
+        for step in (s for s in self.steps if s.action.op == "F"):
+            a, stage = step.action, self.stages[step.action.chunk]
+            out = stage(xs[a.microbatch] if stage.first else self._recv(step.recv, shape, dtype))
+            if stage.last:
+                total += loss(out, ys[a.microbatch]) / self.m
+            if step.send is not None:
+                sends.append(self._send(step.send, out))
+        for work in sends:
+            work.wait()
+        return self._share_loss(total)
+
+    def _activation(self, x: torch.Tensor) -> tuple[tuple[int, int, int], torch.dtype]:
+        """Shape and dtype of the stream between stages for a micro-batch of token ids."""
+        param = next(iter(self.parameters()))
+        return (x.shape[0], x.shape[1], self.width), param.dtype
 
     def _recv(self, message: Message, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         buffer = torch.empty(shape, dtype=dtype)

@@ -94,6 +94,35 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--val-fraction", type=float, default=0.1, help="tail held out for validation")
 
 
+def _add_pipeline_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("pipeline (chapter 5, --strategy pp)")
+    g.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved", "zb"], default=None,
+                   help="the pipeline schedule (default 1f1b)")  # fmt: skip
+    g.add_argument("--microbatches", type=int, default=None,
+                   help="micro-batches per step (default: 2 per stage)")  # fmt: skip
+    g.add_argument("--chunks", type=int, default=None,
+                   help="model chunks per rank, interleaved schedule (default 2)")  # fmt: skip
+
+
+def _pipeline_options(args: argparse.Namespace, world: int, error: Callable) -> dict[str, Any]:
+    """The pp strategy's options, checked before any rank starts; {} for other strategies."""
+    given = {k: getattr(args, k) for k in ("schedule", "microbatches", "chunks")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.strategy != "pp":
+        if given:
+            error(f"--{next(iter(given))} is a pipeline option: use it with --strategy pp")
+        return {}
+    from course_lib.parallel.pipeline_strategy import PipelineStrategy, check_pipeline
+
+    strategy = PipelineStrategy(None, **given)
+    m, chunks = strategy.options(world)
+    try:
+        check_pipeline(world, args.n_layer, args.batch_size, strategy.schedule, m, chunks)
+    except ValueError as err:
+        error(str(err))
+    return given
+
+
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--out", type=Path, default=Path("runs/train"), help="output directory")
@@ -143,7 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint/ and loss.png to --out, then print a summary and a sample.",
         formatter_class=Formatter,
     )
-    for add in (_add_model_args, _add_train_args, _add_data_args, _add_run_args):
+    for add in (
+        _add_model_args,
+        _add_train_args,
+        _add_data_args,
+        _add_run_args,
+        _add_pipeline_args,
+    ):
         add(train_parser)
     train_parser.set_defaults(func=cmd_train, error=train_parser.error)
     grade_parser = commands.add_parser(
@@ -212,6 +247,7 @@ def _check_launch(args: argparse.Namespace, error: Callable[[str], NoReturn]) ->
     if args.strategy.startswith("ps-") and world < 2:  # chapter 4: one server + workers
         error(f"--strategy {args.strategy} needs a server and at least one worker, but the "
               f"world size is {world}; use --world-size 3 (1 server, 2 workers)")  # fmt: skip
+    args.strategy_options = _pipeline_options(args, world, error)
     return under_torchrun
 
 
@@ -231,14 +267,14 @@ def _launch(args: argparse.Namespace, under_torchrun: bool, **kwargs: Any) -> An
     if under_torchrun:
         from course_lib.launch import run_under_torchrun
 
-        return run_under_torchrun(train_worker, args.strategy, **kwargs)
+        return run_under_torchrun(train_worker, args.strategy, args.strategy_options, **kwargs)
     if args.strategy != "single":
         from course_lib.launch import run_distributed
 
         device = None if args.device == "auto" else args.device
         ranks = run_distributed(
-            train_worker, args.world_size, args.strategy, device=device,
-            timeout_s=args.timeout_s, **kwargs,
+            train_worker, args.world_size, args.strategy, args.strategy_options,
+            device=device, timeout_s=args.timeout_s, **kwargs,
         )  # fmt: skip
         return ranks[0]
     device = args.device

@@ -24,12 +24,30 @@ from course_lib.memory import replicated_memory
 from course_lib.model import GPT, loss_fn
 from course_lib.parallel import schedules as S
 from course_lib.parallel.common import clip_grad_norm_, gather_object
-from course_lib.parallel.pipeline import PipelineParallel
+from course_lib.parallel.pipeline import PipelineParallel, split_blocks
 from course_lib.topology import Topology
 from course_lib.train import Strategy, TrainConfig, adamw_settings, optimizer_groups, set_lr
 
 SCHEDULES = {"gpipe": S.gpipe, "1f1b": S.one_f_one_b, "interleaved": S.interleaved_1f1b,
              "zb": S.zero_bubble_h1}  # fmt: skip
+
+
+def check_pipeline(
+    stages: int, n_layer: int, batch_size: int, schedule: str, microbatches: int, chunks: int
+) -> None:
+    """Chapter 5: refuse a pipeline that cannot run, with the fix, before any rank starts."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
+    if chunks > 1 and schedule != "interleaved":
+        raise ValueError(f"{chunks} chunks per rank need the interleaved schedule")
+    if batch_size % microbatches:
+        raise ValueError(
+            f"a batch of {batch_size} sequences does not split into {microbatches} equal "
+            f"micro-batches; use a batch size divisible by {microbatches}"
+        )
+    args = (stages, microbatches, chunks) if schedule == "interleaved" else (stages, microbatches)
+    SCHEDULES[schedule](*args)  # raises on too few micro-batches, m not a multiple of p, ...
+    split_blocks(n_layer, stages * chunks)  # raises on more stages than blocks
 
 
 class PipelineSync:
@@ -134,21 +152,22 @@ class PipelineStrategy(Strategy):
         microbatches: int | None = None,
         chunks: int = 1,
     ) -> None:
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
-        if chunks > 1 and schedule != "interleaved":
-            raise ValueError(f"--chunks {chunks} needs --schedule interleaved")
         super().__init__(ctx)
         self.schedule, self.microbatches = schedule, microbatches
-        self.chunks = chunks if schedule != "interleaved" else max(chunks, 2)
+        self.chunks = max(chunks, 2) if schedule == "interleaved" else chunks
+
+    def options(self, stages: int) -> tuple[int, int]:
+        """(micro-batches, chunks): by default two micro-batches per stage."""
+        return self.microbatches or 2 * stages, self.chunks
 
     def make_topology(self) -> Topology:
         return Topology(pp=self.ctx.world_size if self.ctx is not None else 1)
 
     def wrap(self, module: GPT, cfg: TrainConfig):
-        m = self.microbatches or 2 * self.topology.pp
-        pipeline = PipelineParallel(module, self.topology, SCHEDULES[self.schedule], m,
-                                    self.chunks)  # fmt: skip
+        m, chunks = self.options(self.topology.pp)
+        check_pipeline(self.topology.pp, module.config.n_layer, cfg.batch_size, self.schedule,
+                       m, chunks)  # fmt: skip
+        pipeline = PipelineParallel(module, self.topology, SCHEDULES[self.schedule], m, chunks)
         optimizer = torch.optim.AdamW(optimizer_groups(pipeline.parameters(), cfg),
                                       **adamw_settings(cfg))  # fmt: skip
         return pipeline, optimizer, PipelineSync(pipeline, module)

@@ -139,7 +139,7 @@ def test_the_library_passes_its_own_grader(monkeypatch, capsys):
 @pytest.mark.timeout(120)
 def test_grader_names_a_missing_division_by_n(tmp_path, monkeypatch):
     bad = GOOD.replace(DIVIDE, "piece")
-    with pytest.raises(AssertionError, match=r"'hidden\.weight' differs.*about 2x too large"):
+    with pytest.raises(AssertionError, match=r"sum over the N = 2 ranks, not the mean"):
         _grade(tmp_path, monkeypatch, bad)
 
 
@@ -156,7 +156,7 @@ def test_grader_names_an_all_reduce_in_place_of_the_reduce_scatter(tmp_path, mon
 def test_grader_names_a_missing_all_gather(tmp_path, monkeypatch):
     bad = GOOD.replace(GATHER, "        pass\n")
     assert bad != GOOD
-    with pytest.raises(AssertionError, match="one collective's worth: a move is missing"):
+    with pytest.raises(AssertionError, match=r"did every rank all-gather\?"):
         _grade(tmp_path, monkeypatch, bad)
 
 

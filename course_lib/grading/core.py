@@ -44,7 +44,7 @@ ATOL = 1e-5
 # every graded run, so a hang becomes a hint in about HANG_S plus the ranks' start-up.
 HANG_S = 10.0
 # The hard deadline of one graded spawn (an endless loop that sends nothing ends here).
-DEADLINE_S = 25.0
+DEADLINE_S = 30.0
 
 # What a rank's error says when it waited for a peer that never came, in any of its forms.
 _HANG_MARKERS = (

@@ -78,7 +78,8 @@ class _FlatGroup:
             raise ValueError("a parameter group mixes dtypes; give each dtype its own group")
         self.params, self.stage = params, stage
         self.layout = FlatLayout([p.shape for p in params], rank, world_size)
-        self.flat = self.layout.flatten(list(params), params[0])  # (padded,)
+        with torch.no_grad():  # a plain buffer: no autograd graph back to the old tensors
+            self.flat = self.layout.flatten(list(params), params[0])  # (padded,)
         for p, view in zip(params, self.layout.views(self.flat), strict=True):
             p.data = view  # the model's parameters now live in the flat buffer
         self.shard = nn.Parameter(self.layout.shard(self.flat))  # a view: no extra copy

@@ -1,89 +1,433 @@
-"""Chapter 1's grader: the learner's ring all-reduce / all-gather against torch's, on real ranks."""
+"""Chapter 1's grader: the learner's ring all-reduce / all-gather, on real ranks, by the rules.
+
+The learner writes ``ring_all_reduce(tensor, group=None)`` and ``ring_all_gather(tensor,
+group=None)`` in ``my_ring.py`` from point-to-point calls only. :func:`grade_ring` runs
+one of them with :mod:`course_lib.grading.core` on 2, 3 and 4 ranks and on two subgroups
+of 4 ranks (group ranks differ from global ranks there), and checks, on every rank:
+
+- the rules: torch.distributed's collectives and the library's own collectives
+  (``course_lib.collectives``, the answer key) raise inside the graded ranks, from before
+  the learner's module is imported; ``dist.isend``/``dist.irecv``, ``dist.send``/
+  ``dist.recv`` and ``dist.batch_isend_irecv`` with ``dist.P2POp`` stay allowed;
+- the result, chunk by chunk (``torch.tensor_split(tensor.view(-1), n)``), in place. Each
+  rank's input is known from its group rank, so the expected result is computed on the
+  rank itself, no collective needed. The inputs are built so that a wrong chunk tells
+  what went wrong: rank g's all-reduce input is ``a * 16**g`` (``a`` a fixed vector of
+  small integers), so every sum of inputs, with repeats, reads back as "which ranks'
+  contributions, how many times each"; the all-gather's chunks that a rank does not own
+  start as the sentinel ``GARBAGE``, so a chunk that is added to instead of overwritten,
+  never received, or cut at the wrong place shows;
+- the bytes: every message a rank sends through ``isend`` (``send`` and
+  ``batch_isend_irecv`` go through it) is counted. A ring all-reduce sends exactly
+  ``2(N-1) * numel * itemsize`` bytes over all ranks (``(N-1) * ...`` for an all-gather),
+  whatever its chunk order, and no rank sends more than ``2(N-1)`` (``N-1``) of the largest
+  chunk; a result that is right but sent otherwise (everything to everyone, a gather at
+  one rank then a broadcast) is no ring;
+- hangs: a rank that waits for a message that never comes is a hint within ``HANG_S``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import math
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
-from course_lib.grading.core import import_learner, stub_error
-from course_lib.launch import RankError, run_distributed
+import course_lib.collectives as library
+from course_lib.grading.core import (
+    DEFAULT_CASES,
+    Case,
+    forbid,
+    forbid_collectives,
+    grade,
+    import_learner,
+)
+
+BASE = 16  # rank g's all-reduce input is a * BASE**g: a sum of inputs reads back in base 16
+GARBAGE = -1000.0  # what an all-gather's not-yet-received chunks hold at the start
+
+ALLOWED = (
+    "use point-to-point calls only: dist.isend/dist.irecv, dist.send/dist.recv, or "
+    "dist.batch_isend_irecv with dist.P2POp"
+)
+
+HANG_HINT = (
+    "every isend needs the neighbour's matching irecv. In each step, post the isend to the "
+    "right neighbour AND the irecv from the left one before waiting on either (two blocking "
+    "sends face to face wait forever; sending and receiving on the same side never "
+    "matches), and make every rank run the same number of steps (n-1 per phase) with "
+    "chunks of the same sizes."
+)
+
+GLOBAL_RANKS_HINT = (
+    "dst/src are GLOBAL ranks (ranks of the whole world), but on a subgroup the ring's "
+    "neighbours are GROUP ranks: pass group_dst=/group_src= (with group=group) to "
+    "isend/irecv, or translate with dist.get_global_rank(group, r) when group is not None"
+)
+
+GROUPLESS_HINT = (
+    "dist.get_world_size() / dist.get_rank() without group give the size of the whole world "
+    "and this process's global rank; the ring runs over `group`: call "
+    "dist.get_world_size(group) and dist.get_rank(group)"
+)
 
 
-def _rank_input(rank: int, numel: int, shape, dtype) -> torch.Tensor:
-    """A deterministic, rank-dependent input."""
-    gen = torch.Generator().manual_seed(1000 + rank)
-    values = torch.randint(-9, 10, (numel,), generator=gen).to(dtype)
-    return values.reshape(shape) if shape is not None else values
+# ----------------------------------------------------------------------------------------
+# Inputs and expected results (every rank knows every rank's input)
 
 
-def _own_chunk_only(tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """All-gather input: zero every ``tensor_split`` chunk except this rank's own."""
-    for c, chunk in enumerate(torch.tensor_split(tensor.view(-1), world_size)):
-        if c != rank:
-            chunk.zero_()
-    return tensor
+def _digits(numel: int) -> torch.Tensor:
+    """The fixed small integers ``a`` (1..9) that every rank's input is a multiple of."""
+    gen = torch.Generator().manual_seed(7 + numel)
+    return torch.randint(1, 10, (numel,), generator=gen).to(torch.float64)
 
 
-def _all_reduce_worker(ctx, cwd, module_name, fn_name, numel, shape, dtype, gather=False):
-    """Runs on each rank: the learner's function and torch's all_reduce on the same input.
+def _contribution(g: int, numel: int) -> torch.Tensor:
+    """Group rank g's values, flat, in float64: ``a * BASE**g``."""
+    return _digits(numel) * float(BASE**g)
 
-    With ``gather``, each rank holds only its own chunk, so the all-reduce (sum) of the
-    inputs is exactly what an all-gather must produce.
-    """
-    fn = getattr(import_learner(cwd, module_name), fn_name)
-    mine = _rank_input(ctx.rank, numel, shape, dtype)
+
+def _chunk_bounds(numel: int, n: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each of the n chunks of ``torch.tensor_split(flat, n)``."""
+    sizes = [c.numel() for c in torch.tensor_split(torch.empty(numel), n)]
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def rank_input(g: int, n: int, shape, dtype, gather: bool) -> torch.Tensor:
+    """Group rank g's input: its contribution (all-reduce), or only its own chunk (gather)."""
+    numel = math.prod(shape)
+    flat = _contribution(g, numel)
     if gather:
-        _own_chunk_only(mine, ctx.rank, ctx.world_size)
-    ref = mine.clone()
-    fn(mine)
-    dist.all_reduce(ref)
-    return mine.cpu(), ref.cpu()
+        start, stop = _chunk_bounds(numel, n)[g]
+        own = flat[start:stop].clone()
+        flat = torch.full((numel,), GARBAGE, dtype=torch.float64)
+        flat[start:stop] = own
+    return flat.to(dtype).reshape(shape)
 
 
-def grade_all_reduce(
-    module_name, fn_name, world_size=3, numel=10, shape=None, dtype=torch.float32, gather=False
-):
-    """Check ``module_name.fn_name`` against torch's all_reduce (sum) on ``world_size`` ranks.
+def expected_result(n: int, numel: int, gather: bool) -> torch.Tensor:
+    """What every rank must end with, flat, in float64."""
+    if not gather:
+        return sum(_contribution(g, numel) for g in range(n))
+    out = torch.empty(numel, dtype=torch.float64)
+    for g, (start, stop) in enumerate(_chunk_bounds(numel, n)):
+        out[start:stop] = _contribution(g, numel)[start:stop]
+    return out
 
-    Chapter 1's graded exercise. ``gather=True`` grades an in-place ring all-gather: each
-    rank starts with only its own ``tensor_split`` chunk filled.
-    """
-    try:
-        results = run_distributed(
-            _all_reduce_worker,
-            world_size,
-            os.getcwd(),
-            module_name,
-            fn_name,
-            numel,
-            shape,
-            dtype,
-            gather,
-            timeout_s=90,
+
+# ----------------------------------------------------------------------------------------
+# What a wrong chunk says
+
+
+def _multiplicities(got: torch.Tensor, digits: torch.Tensor, n: int) -> list[int] | None:
+    """How many times each rank's input is in ``got``; None when no such count explains it."""
+    if got.numel() == 0:
+        return [1] * n
+    ratio = got / digits
+    if not torch.all(torch.isfinite(ratio)) or not torch.all(ratio == ratio.round()):
+        return None
+    values = set(ratio.round().to(torch.int64).tolist())
+    if len(values) != 1:
+        return None
+    (value,) = values
+    if value < 0 or value >= BASE**n:
+        return None
+    return [(value // BASE**g) % BASE for g in range(n)]
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ("group rank " if len(ranks) == 1 else "group ranks ") + ", ".join(map(str, ranks))
+
+
+def _all_reduce_hint(got: torch.Tensor, digits: torch.Tensor, n: int, me: int) -> str:
+    """Why a chunk of the all-reduce is wrong, from the ranks' contributions it holds."""
+    counts = _multiplicities(got, digits, n)
+    if counts is None:
+        return (
+            "it holds values that no sum of the ranks' inputs gives: values of other elements "
+            "(check the chunk index arithmetic: the chunk you receive into must be the one "
+            "your left neighbour sent) or a receive buffer read before its irecv completed"
         )
-    except RankError as err:
-        stub = stub_error(err, fn_name, module_name)
-        if stub is not None:
-            raise stub from None
-        raise
-    for rank, (got, expected) in enumerate(results):
-        if got.shape != expected.shape or got.dtype != expected.dtype:
-            raise AssertionError(
-                f"rank {rank}: result has shape {tuple(got.shape)} / {got.dtype}, "
-                f"expected {tuple(expected.shape)} / {expected.dtype} (reduce in place)"
-            )
-        got_chunks = torch.tensor_split(got.reshape(-1), world_size)
-        exp_chunks = torch.tensor_split(expected.reshape(-1), world_size)
-        start = 0
-        for c, (g, e) in enumerate(zip(got_chunks, exp_chunks, strict=True)):
-            stop = start + e.numel()
-            if not torch.allclose(g, e):
+    around = (
+        "every chunk must go all around the ring: n-1 reduce-scatter steps (each adds the "
+        "received chunk), then n-1 all-gather steps (each copies the finished chunk on)"
+    )
+    if counts == [1 if g == me else 0 for g in range(n)]:
+        return f"it still holds only this rank's own input, nothing added or received: {around}"
+    parts = []
+    missing = [g for g in range(n) if counts[g] == 0]
+    extra = [g for g in range(n) if counts[g] > 1]
+    if missing:
+        parts.append(f"it misses the input of {_ranks(missing)}: {around}")
+    if extra:
+        times = max(counts[g] for g in extra)
+        parts.append(
+            f"it counts the input of {_ranks(extra)} {times} times: in the all-gather phase "
+            "overwrite the chunk with the received sum (copy_), do not add it"
+        )
+    return "; ".join(parts)
+
+
+def _all_gather_hint(got: torch.Tensor, want: torch.Tensor, own: bool) -> str:
+    """Why a chunk of the all-gather is wrong."""
+    garbage = got == GARBAGE
+    if torch.all(garbage):
+        return (
+            "it was never received: it still holds the garbage it started with (n-1 steps, "
+            "each passing on the chunk received in the step before)"
+        )
+    diff = (got - want) / GARBAGE
+    if torch.all(diff == diff.round()) and torch.all(diff >= 1) and len(set(diff.tolist())) == 1:
+        return (
+            "it is the right chunk plus the garbage it started with: overwrite (copy_), "
+            "do not add, the received chunk"
+        )
+    if torch.any(garbage):
+        return (
+            "some of its elements still hold garbage: the chunks' boundaries are wrong. Cut "
+            "the FLAT tensor, torch.tensor_split(tensor.view(-1), n): chunk r is rank r's "
+            "(torch.chunk, or splitting a 2-D tensor's rows, cuts elsewhere)"
+        )
+    if own:
+        return "it is this rank's own chunk: send it on, never write into it"
+    return (
+        "it holds values of another chunk: check the chunk index arithmetic (the chunk you "
+        "receive into must be the one your left neighbour sent)"
+    )
+
+
+def _check_result(
+    tensor: torch.Tensor, before: torch.Tensor, returned: Any, n: int, me: int, gather: bool
+) -> None:
+    """On a rank: AssertionError naming the first wrong chunk and what is wrong with it."""
+    numel = tensor.numel()
+    want = expected_result(n, numel, gather)
+    got = tensor.detach().reshape(-1).to(torch.float64)
+    if torch.equal(got, want):
+        return
+    if torch.equal(tensor, before) and numel > 0:
+        if isinstance(returned, torch.Tensor) and returned.numel() == numel:
+            if torch.equal(returned.detach().reshape(-1).to(torch.float64), want):
                 raise AssertionError(
-                    f"rank {rank}, chunk {c} (elements {start}:{stop}) is wrong: "
-                    f"expected {e.tolist()}, got {g.tolist()}"
+                    "the function returned the right values but `tensor` is unchanged: "
+                    "write the result into `tensor` itself, in place (work on its view(-1), "
+                    "not on a copy)"
                 )
-            start = stop
-    what = "an all-gather" if gather else "dist.all_reduce"
-    print(f"OK: {fn_name} matches {what} on {world_size} ranks, numel={numel}")
+        raise AssertionError(
+            "`tensor` is unchanged: nothing was received into it. Write into `tensor` "
+            "itself, in place (tensor.view(-1) and its tensor_split chunks are views of it; a "
+            "copy is not), and run n-1 steps per phase"
+        )
+    digits = _digits(numel)
+    for c, (start, stop) in enumerate(_chunk_bounds(numel, n)):
+        g, w = got[start:stop], want[start:stop]
+        if torch.equal(g, w):
+            continue
+        if gather:
+            why = _all_gather_hint(g, w, own=c == me)
+        else:
+            why = _all_reduce_hint(g, digits[start:stop], n, me)
+        shown = ", ".join(f"{v:g}" for v in g[:6].tolist()) + (", ..." if g.numel() > 6 else "")
+        raise AssertionError(f"chunk {c} (elements {start}:{stop}) is wrong: {why} (got [{shown}])")
+
+
+# ----------------------------------------------------------------------------------------
+# The guards around the learner's call
+
+
+_sent: list[int] = []  # bytes of each message this rank sent, in the case being graded
+_original_isend = c10d.isend
+
+
+def _counting_isend(tensor, dst=None, group=None, tag=0, group_dst=None):
+    """``dist.isend``, counting the bytes; send and batch_isend_irecv go through it."""
+    _sent.append(tensor.numel() * tensor.element_size())
+    return _original_isend(tensor, dst=dst, group=group, tag=tag, group_dst=group_dst)
+
+
+_counting_isend.__name__ = "isend"
+
+
+@contextlib.contextmanager
+def _count_sends() -> Iterator[list[int]]:
+    """Within the block, every isend (also inside send and batch_isend_irecv) is counted."""
+    _sent.clear()
+    saved = [(dist, dist.isend), (c10d, c10d.isend)]
+    dist.isend = c10d.isend = _counting_isend
+    try:
+        yield _sent
+    finally:
+        for module, original in saved:
+            module.isend = original
+
+
+@contextlib.contextmanager
+def _require_group(group) -> Iterator[None]:
+    """On a subgroup, ``dist.get_world_size()`` / ``dist.get_rank()`` without group fail at once.
+
+    They would give the world's size and the global rank, and the ring would hang or mix
+    up its neighbours; failing at the call names the mistake.
+    """
+    if group is None:
+        yield
+        return
+    world_size, get_rank = dist.get_world_size, dist.get_rank
+
+    def get_world_size_of(group=None):
+        if group is None:
+            raise AssertionError(GROUPLESS_HINT)
+        return world_size(group)
+
+    def get_rank_in(group=None):
+        if group is None:
+            raise AssertionError(GROUPLESS_HINT)
+        return get_rank(group)
+
+    dist.get_world_size, dist.get_rank = get_world_size_of, get_rank_in
+    try:
+        yield
+    finally:
+        dist.get_world_size, dist.get_rank = world_size, get_rank
+
+
+def _library_calls() -> list[tuple[Any, str]]:
+    """Every function of ``course_lib.collectives``: the answer key is off limits."""
+    return [
+        (library, name)
+        for name, value in vars(library).items()
+        if inspect.isfunction(value) and value.__module__ == library.__name__
+    ]
+
+
+def _translated(err: Exception) -> AssertionError | None:
+    """A hint for an exception of the learner's code whose cause is known, else None."""
+    text = str(err)
+    if "not part of group" in text or "not part of the group" in text:
+        return AssertionError(f"{GLOBAL_RANKS_HINT} (torch said: {text})")
+    if isinstance(err, IndexError) and "index" in text:
+        return AssertionError(
+            f"a chunk index is out of range ({text}): cut the flat tensor with "
+            "torch.tensor_split(tensor.view(-1), n), which always gives n chunks (torch.chunk "
+            "can give fewer), and take every index % n"
+        )
+    return None
+
+
+def _ring_worker(ctx, case: Case, group, cwd, module_name, fn_name, gather, inputs):
+    """On one member rank: the learner's function on each input, under the guards.
+
+    Returns the bytes this rank sent for each input.
+    """
+    members = case.members()
+    n, me = len(members), members.index(ctx.rank)
+    out = []
+    with (
+        forbid_collectives(ALLOWED),
+        forbid(_library_calls(), ALLOWED),
+        _count_sends() as sent,
+        _require_group(group),
+    ):
+        fn = getattr(import_learner(cwd, module_name), fn_name)
+        for shape, dtype in inputs:
+            tensor = rank_input(me, n, shape, dtype, gather)
+            before = tensor.clone()
+            sent.clear()
+            try:
+                returned = fn(tensor) if group is None else fn(tensor, group=group)
+            except (ValueError, RuntimeError, IndexError) as err:
+                hint = _translated(err)
+                if hint is None:
+                    raise
+                raise hint from err
+            try:
+                _check_result(tensor, before, returned, n, me, gather)
+            except AssertionError as err:
+                raise AssertionError(f"input of shape {tuple(shape)}, {dtype}: {err}") from None
+            out.append(sum(sent))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# The grader
+
+
+def _check_bytes(case: Case, sent: list[int], shape, dtype, gather: bool) -> None:
+    """In the parent: a ring's bytes, over all ranks and per rank; AssertionError if not."""
+    n, numel = len(case.members()), math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    steps = (n - 1) if gather else 2 * (n - 1)
+    total = steps * numel * itemsize
+    largest = max(stop - start for start, stop in _chunk_bounds(numel, n)) * itemsize
+    if sum(sent) == total and max(sent) <= steps * largest:
+        return
+    what = "all-gather" if gather else "all-reduce"
+    formula = "(N-1)" if gather else "2(N-1)"
+    per_rank = ", ".join(f"group rank {g}: {b}" for g, b in enumerate(sent))
+    raise AssertionError(
+        f"{case.describe()}, input of shape {tuple(shape)}, {dtype}: the result is right but "
+        f"this is no ring: the ranks sent {sum(sent)} bytes in all ({per_rank}). A ring "
+        f"{what} sends exactly {formula} x numel x itemsize = {total} bytes over all ranks: "
+        f"in each of its {formula} steps every rank sends ONE chunk "
+        "(torch.tensor_split(tensor.view(-1), n)) to its right neighbour, never the whole "
+        f"tensor, so no rank sends more than {steps} chunks ({steps * largest} bytes here)"
+    )
+
+
+# The inputs every case runs: (shape, dtype). An uneven split, fewer elements than ranks
+# (empty chunks), and a 2-D float64 tensor whose rows are not its flat chunks.
+INPUTS = (((10,), torch.float32), ((2,), torch.float32), ((4, 3), torch.float64))
+
+
+def grade_ring(
+    module_name: str,
+    fn_name: str,
+    *,
+    gather: bool = False,
+    inputs=INPUTS,
+    cases=DEFAULT_CASES,
+) -> None:
+    """Chapter 1's graded exercise: ``module_name.fn_name`` as a ring all-reduce (sum).
+
+    ``gather=True`` grades a ring all-gather instead: rank r starts with only chunk r of
+    ``torch.tensor_split(tensor.view(-1), n)`` filled (the rest is garbage) and must end
+    with every chunk, in place. Every case runs every input of ``inputs``, ``(shape,
+    dtype)`` pairs (default :data:`INPUTS`); ``cases`` are
+    :class:`~course_lib.grading.core.Case` s (default: 2, 3 and 4 ranks, then two
+    subgroups of 4). Prints one OK line, or raises AssertionError with a hint
+    (NotImplementedError while the stub is in place).
+    """
+    inputs = tuple((tuple(shape), dtype) for shape, dtype in inputs)
+    cases = tuple(cases)
+    results = grade(
+        _ring_worker,
+        cases,
+        os.getcwd(),
+        module_name,
+        fn_name,
+        gather,
+        inputs,
+        what=fn_name,
+        module_name=module_name,
+        hang_hint=HANG_HINT,
+    )
+    for case, per_rank in results:
+        for i, (shape, dtype) in enumerate(inputs):
+            _check_bytes(case, [sent[i] for sent in per_rank], shape, dtype, gather)
+    what = "all-gather" if gather else "all-reduce (sum)"
+    sizes = sorted({c.world_size for c in cases if c.ranks is None})
+    subgroups = [c.members() for c in cases if c.ranks is not None]
+    where = f"{', '.join(map(str, sizes))} ranks" if sizes else ""
+    if subgroups:
+        where += (" and " if where else "") + "subgroups " + ", ".join(map(str, subgroups))
+    shown = "; ".join(f"{shape} {str(dtype).removeprefix('torch.')}" for shape, dtype in inputs)
+    print(f"OK: {fn_name} is a ring {what} (inputs {shown}) on {where}")

@@ -31,3 +31,31 @@ def pipeline_grads(ctx, schedule: str, microbatches: int, chunks: int, n: int, t
                           microbatches, chunks)  # fmt: skip
     loss = pp.run(*batch(n))
     return loss, {name: p.grad.clone() for name, p in pp.named_parameters()}
+
+
+def torch_pipelining_grads(ctx, schedule: str, microbatches: int, chunks: int, n: int):
+    """The same stages under torch.distributed.pipelining; loss and gradients by name."""
+    from torch.distributed import pipelining as tp
+
+    from course_lib.model import loss_fn
+    from course_lib.parallel.pipeline import Stage, split_blocks
+
+    torch.set_num_threads(1)
+    cfg = GPTConfig(**{**CONFIG.__dict__, "tie_weights": False})
+    full, p = model(cfg), ctx.world_size
+    ranges, last = split_blocks(cfg.n_layer, p * chunks), p * chunks - 1
+    mine = [ctx.rank + c * p for c in range(chunks)]
+    modules = [Stage(full, ranges[v], v == 0, v == last) for v in mine]
+    cpu = torch.device("cpu")
+    stages = [tp.PipelineStage(s, v, p * chunks, cpu) for s, v in zip(modules, mine, strict=True)]
+    kind = {"gpipe": tp.ScheduleGPipe, "1f1b": tp.Schedule1F1B,
+            "interleaved": tp.ScheduleInterleaved1F1B}[schedule]  # fmt: skip
+    sched = kind(stages if chunks > 1 else stages[0], microbatches, loss_fn=loss_fn)
+    x, y = batch(n)
+    losses: list[torch.Tensor] = []
+    args = (x,) if 0 in mine else ()
+    kwargs = {"target": y, "losses": losses} if last in mine else {}
+    sched.step(*args, **kwargs)
+    loss = float(torch.stack(losses).detach().mean()) if losses else None
+    grads = {n: p.grad.clone() for m in modules for n, p in m.named_parameters()}
+    return loss, grads

@@ -77,3 +77,19 @@ def test_training_loop_reproduces_single_device(schedule, p, m, v):
     want = single.model.state_dict()
     for name, value in ours.model.state_dict().items():
         torch.testing.assert_close(value, want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --- Beside torch's own: torch.distributed.pipelining on the same stages ---------------
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("schedule, p, m, v", [("gpipe", 2, 4, 1), ("1f1b", 3, 3, 1),
+                                               ("interleaved", 2, 4, 2)])  # fmt: skip
+def test_same_losses_and_gradients_as_torch_pipelining(schedule, p, m, v):
+    theirs = run_distributed(W.torch_pipelining_grads, p, schedule, m, v, 12, timeout_s=120)
+    ours = run_distributed(W.pipeline_grads, p, schedule, m, v, 12, False, timeout_s=120)
+    assert theirs[-1][0] == pytest.approx(ours[-1][0], rel=1e-6)  # the last stage's loss
+    for rank, ((_, want), (_, got)) in enumerate(zip(theirs, ours, strict=True)):
+        assert set(got) == set(want), rank
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)

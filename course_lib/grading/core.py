@@ -299,11 +299,3 @@ def notebook_dir() -> str:
     """Where the learner's ``%%writefile`` modules are: the kernel's working directory."""
     return os.getcwd()
 
-
-def stub_error(err: RankError, what: str, module_name: str) -> NotImplementedError | None:
-    """The learner-facing error when a rank hit the exercise's stub, else None (legacy)."""
-    if any("NotImplementedError" in tb for tb in err.tracebacks.values()):
-        return NotImplementedError(
-            f"{what} is not implemented yet: replace the stub in {module_name}.py"
-        )
-    return None

@@ -103,6 +103,10 @@ class SavedBytes:
     def __init__(self) -> None:
         self.now = self.peak = 0
 
+    def reset_peak(self) -> None:
+        """Start a new measurement: the peak from the bytes held now."""
+        self.peak = self.now
+
     def _pack(self, t: torch.Tensor) -> _Held:
         return _Held(t, self)
 
@@ -165,6 +169,7 @@ class PipelineParallel:
         self.tied = model.config.tie_weights and p > 1 and self.rank in (0, p - 1)
         self.saved = SavedBytes()
         self.records: list[Record] = []
+        self.t0 = 0.0  # when the last run() began (time.perf_counter) on this rank
 
     def parameters(self) -> list[nn.Parameter]:
         """This rank's parameters, each once (a tied matrix is one Parameter here too)."""
@@ -205,7 +210,7 @@ class PipelineParallel:
         loss = torch.zeros((), dtype=torch.float32)
         self.records = []
         dist.barrier(group=self.group)
-        t0 = time.perf_counter()
+        self.t0 = t0 = time.perf_counter()  # CLOCK_MONOTONIC: comparable across the ranks
         for step in self.steps:
             a = step.action
             key, stage = (a.microbatch, a.chunk), self.stages[a.chunk]

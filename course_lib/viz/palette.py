@@ -59,6 +59,13 @@ PALETTE: dict[str, str] = {
     "ps-sync": _PURPLE,
     "ps-async": _BROWN,
     "ps-ssp": _PINK,
+    "pp": SEQUENCE[9],  # cyan: chapter 5's pipeline parallelism
+    # Pipeline actions (chapter 5), keyed by Action.op: forward, backward (the input
+    # gradient when W is split off), weight gradient; and a rank's idle time (the bubble).
+    "F": _BLUE,
+    "B": _ORANGE,
+    "W": _GREEN,
+    "idle": "#f2f2f2",
 }
 
 

@@ -170,6 +170,7 @@ class PipelineParallel:
         self.saved = SavedBytes()
         self.records: list[Record] = []
         self.t0 = 0.0  # when the last run() began (time.perf_counter) on this rank
+        self.bytes_sent = 0  # by this rank in the last run(): activations, gradients, tie
 
     def parameters(self) -> list[nn.Parameter]:
         """This rank's parameters, each once (a tied matrix is one Parameter here too)."""
@@ -208,7 +209,7 @@ class PipelineParallel:
         grads: dict[tuple[int, int], torch.Tensor | None] = {}  # output gradients
         sends: list[dist.Work] = []
         loss = torch.zeros((), dtype=torch.float32)
-        self.records = []
+        self.records, self.bytes_sent = [], 0
         dist.barrier(group=self.group)
         self.t0 = t0 = time.perf_counter()  # CLOCK_MONOTONIC: comparable across the ranks
         for step in self.steps:
@@ -276,6 +277,7 @@ class PipelineParallel:
         return buffer
 
     def _send(self, message: Message, tensor: torch.Tensor) -> dist.Work:
+        self.bytes_sent += tensor.numel() * tensor.element_size()
         return dist.isend(tensor.contiguous(), group=self.group, group_dst=message.peer,
                           tag=_tag(message, self.m))  # fmt: skip
 
@@ -309,6 +311,7 @@ class PipelineParallel:
         mine = weight.grad if weight.grad is not None else torch.zeros_like(weight)
         theirs = torch.empty_like(mine)
         peer = self.p - 1 if self.rank == 0 else 0
+        self.bytes_sent += mine.numel() * mine.element_size()
         works = [dist.isend(mine, group=self.group, group_dst=peer),
                  dist.irecv(theirs, group=self.group, group_src=peer)]  # fmt: skip
         for work in works:

@@ -194,7 +194,7 @@ WRONG = {
             "s, r = (rank - step) % n, (rank - step - 1) % n",
             "s, r = (rank - step) % n, (rank - step) % n",
         ),
-        r"chunk \d \(elements .*\) is wrong.*(chunk index|own input)",
+        r"chunk \d \(elements .*\) is wrong.*(chunk index|own input|misses the input)",
     ),  # fmt: skip
     "no_all_gather_phase": (
         "ring_all_reduce",

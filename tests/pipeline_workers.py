@@ -7,7 +7,7 @@ from course_lib.parallel import schedules as S
 from course_lib.parallel.pipeline import PipelineParallel
 from course_lib.topology import Topology
 
-CONFIG = GPTConfig(n_layer=4, n_head=2, n_embd=16, block_size=8, dropout=0.0)
+CONFIG = GPTConfig(n_layer=8, n_head=2, n_embd=16, block_size=8, dropout=0.0)
 SCHEDULES = {"gpipe": S.gpipe, "1f1b": S.one_f_one_b, "interleaved": S.interleaved_1f1b,
              "zb": S.zero_bubble_h1}  # fmt: skip
 
@@ -59,3 +59,8 @@ def torch_pipelining_grads(ctx, schedule: str, microbatches: int, chunks: int, n
     loss = float(torch.stack(losses).detach().mean()) if losses else None
     grads = {n: p.grad.clone() for m in modules for n, p in m.named_parameters()}
     return loss, grads
+
+
+def pipeline_grads_many(ctx, configs: list[tuple[str, int, int]], n: int, tied: bool):
+    """Each (schedule, m, chunks) in one spawn: the loss and this rank's gradients."""
+    return [pipeline_grads(ctx, schedule, m, v, n, tied) for schedule, m, v in configs]

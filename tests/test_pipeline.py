@@ -19,26 +19,48 @@ def _reference(tied: bool, n: int):
     return float(loss.detach()), grads
 
 
-CASES = [("gpipe", 2, 2, 1), ("gpipe", 3, 4, 1), ("1f1b", 2, 3, 1), ("1f1b", 4, 4, 1),
-         ("1f1b", 3, 6, 1), ("zb", 2, 2, 1), ("zb", 3, 4, 1), ("interleaved", 2, 2, 2),
-         ("gpipe", 4, 5, 1)]  # fmt: skip
+def _configs(p: int) -> list[tuple[str, int, int]]:
+    """Every schedule at m in {p, p + 1, 2p}; interleaved (v = 2) where m is a multiple of p."""
+    out = [(s, m, 1) for s in ("gpipe", "1f1b", "zb") for m in (p, p + 1, 2 * p)]
+    return out + [("interleaved", m, 2) for m in (p, 2 * p)]
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("schedule, p, m, v", CASES)
-@pytest.mark.parametrize("tied", [True, False])
-def test_schedule_matches_single_device(schedule, p, m, v, tied):
-    n = 12 if m != 5 else 10
+BATCH = {2: 12, 3: 12, 4: 40}  # divisible by every m of _configs(p)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("p, tied", [(2, True), (2, False), (3, True), (4, True)])
+def test_every_schedule_matches_single_device(p, tied):
+    n = BATCH[p]
     ref_loss, ref = _reference(tied, n)
-    results = run_distributed(W.pipeline_grads, p, schedule, m, v, n, tied, timeout_s=90)
-    seen = set()
-    for rank, (loss, grads) in enumerate(results):
-        assert loss == pytest.approx(ref_loss, rel=1e-6), rank
-        for name, grad in grads.items():
-            want = ref["wte.weight" if name == "lm_head.weight" and tied else name]
-            torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6, msg=f"{name} rank {rank}")
-            seen.add("wte.weight" if name == "lm_head.weight" and tied else name)
-    assert seen == set(ref), set(ref) - seen
+    configs = _configs(p)
+    results = run_distributed(W.pipeline_grads_many, p, configs, n, tied, timeout_s=200)
+    for c, config in enumerate(configs):
+        seen = set()
+        for rank, ranks_results in enumerate(results):
+            loss, grads = ranks_results[c]
+            assert loss == pytest.approx(ref_loss, rel=1e-6), (config, rank)
+            for name, grad in grads.items():
+                key = "wte.weight" if name == "lm_head.weight" and tied else name
+                torch.testing.assert_close(grad, ref[key], rtol=1e-5, atol=1e-6,
+                                           msg=f"{config}: {name} on rank {rank}")  # fmt: skip
+                seen.add(key)
+        assert seen == set(ref), (config, set(ref) - seen)
+
+
+def test_a_pipeline_that_cannot_run_is_refused_with_the_fix():
+    from course_lib.parallel.pipeline_strategy import check_pipeline
+
+    with pytest.raises(ValueError, match="at least as many micro-batches as stages.*m >= 3"):
+        check_pipeline(3, 8, 12, "1f1b", 2, 1)
+    with pytest.raises(ValueError, match="does not split into 5 equal micro-batches"):
+        check_pipeline(2, 8, 12, "gpipe", 5, 1)
+    with pytest.raises(ValueError, match="multiple"):
+        check_pipeline(2, 8, 12, "interleaved", 3, 2)
+    with pytest.raises(ValueError, match="8 stages but only 4 blocks"):
+        check_pipeline(4, 4, 16, "interleaved", 4, 2)
+    with pytest.raises(ValueError, match="need the interleaved schedule"):
+        check_pipeline(2, 8, 12, "1f1b", 2, 2)
 
 
 def test_split_blocks():

@@ -179,18 +179,23 @@ def _cases_worker(ctx: Any, worker: Callable[..., Any], cases: list[Case], args:
     return results
 
 
-def run_graded(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = DEADLINE_S):
-    """:func:`~course_lib.launch.run_distributed` with grading's deadlines, one thread per rank."""
+def run_graded(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float | None = None):
+    """:func:`~course_lib.launch.run_distributed` with grading's deadlines, one thread per rank.
+
+    ``timeout_s`` defaults to :data:`DEADLINE_S`; both it and :data:`HANG_S` are read at
+    call time, so a test may shorten them.
+    """
     return run_distributed(
-        fn, world_size, *args, timeout_s=timeout_s, pg_timeout_s=HANG_S, threads_per_rank=1
-    )
+        fn, world_size, *args, timeout_s=timeout_s or DEADLINE_S, pg_timeout_s=HANG_S,
+        threads_per_rank=1,
+    )  # fmt: skip
 
 
 def run_cases(
     worker: Callable[..., Any],
     cases: Iterable[Case],
     *args: Any,
-    timeout_s: float = DEADLINE_S,
+    timeout_s: float | None = None,
 ) -> list[tuple[Case, list]]:
     """Run ``worker(ctx, case, group, *args)`` for each case; one spawn per world size.
 
@@ -286,7 +291,7 @@ def grade(
     what: str,
     module_name: str,
     hang_hint: str,
-    timeout_s: float = DEADLINE_S,
+    timeout_s: float | None = None,
 ) -> list[tuple[Case, list]]:
     """:func:`run_cases`; a failure becomes the learner's error (:func:`learner_error`)."""
     try:
@@ -298,4 +303,3 @@ def grade(
 def notebook_dir() -> str:
     """Where the learner's ``%%writefile`` modules are: the kernel's working directory."""
     return os.getcwd()
-

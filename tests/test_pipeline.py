@@ -115,3 +115,51 @@ def test_same_losses_and_gradients_as_torch_pipelining(schedule, p, m, v):
         assert set(got) == set(want), rank
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.timeout(300)
+def test_cli_pp_reproduces_single_device_losses(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    common = ["train", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "16",
+              "--batch-size", "4", "--steps", "3", "--warmup-steps", "1", "--eval-interval",
+              "3", "--eval-batches", "1", "--no-progress", "--sample-tokens", "0",
+              "--device", "cpu"]  # fmt: skip
+    runs = {"single": [], "pp": ["--strategy", "pp", "--schedule", "zb", "--world-size", "2",
+                                 "--microbatches", "2"]}  # fmt: skip
+    losses = {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "course_lib", *common, *extra, "--out", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-2000:]
+        metrics = json.loads((out / "metrics.json").read_text())
+        rows = metrics["metrics"] if isinstance(metrics, dict) else metrics
+        losses[name] = [row["loss"] for row in rows]
+    torch.testing.assert_close(losses["pp"], losses["single"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_a_pipeline_checkpoint_resumes_on_one_device_and_back(tmp_path):
+    """Checkpoint pieces are named as in the plain GPT: pp -> single -> pp, same losses."""
+    from course_lib.data import load_text, make_dataset
+    from course_lib.train import TrainConfig, train, train_worker
+
+    model = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
+    cfg = TrainConfig(steps=6, batch_size=4, seq_len=16, warmup_steps=1, eval_interval=3,
+                      eval_batches=1)  # fmt: skip
+    data = make_dataset(load_text(None), 0.1)
+    whole = train(model, cfg, data, progress=False)
+    kwargs = dict(model_config=model, dataset=data, progress=False, out_dir=tmp_path)
+    launch = dict(timeout_s=200, threads_per_rank=1)
+    options = {"schedule": "1f1b", "microbatches": 2}
+    stop = lambda k: TrainConfig(**{**cfg.__dict__, "stop_at": k})  # noqa: E731
+    run_distributed(train_worker, 2, "pp", options, train_config=stop(2), **kwargs, **launch)
+    train(model, stop(4), data, progress=False, out_dir=tmp_path, resume=True)
+    resumed = run_distributed(train_worker, 2, "pp", options, train_config=cfg, resume=True,
+                              **kwargs, **launch)[0]  # fmt: skip
+    got = [m["loss"] for m in resumed.metrics]
+    want = [m["loss"] for m in whole.metrics]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -4,8 +4,6 @@ Each attempt is a ``my_ring.py`` written into a temporary folder, the notebook's
 the grader sees it; most are the reference solution with one small edit.
 """
 
-import time
-
 import pytest
 
 from course_lib.grading.ch01_collectives import grade_ring
@@ -397,10 +395,10 @@ def test_wrong_attempt_fails_with_hint(tmp_path, monkeypatch, name):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", sorted(HANGS))
-def test_deadlock_is_a_hint_within_30_s(tmp_path, monkeypatch, name):
+def test_deadlock_is_the_hint_from_the_process_group_timeout(tmp_path, monkeypatch, name):
+    # The hint comes from gloo's timeout (HANG_S), not from the spawn's later deadline.
     src, cases = HANGS[name]
     _write(tmp_path, monkeypatch, src)
-    start = time.monotonic()
-    with pytest.raises(AssertionError, match=r"every isend needs the neighbour's matching irecv"):
+    hang = r"waited more than 10 s .*every isend needs the neighbour's matching irecv"
+    with pytest.raises(AssertionError, match=hang):
         grade_ring("my_ring", "ring_all_reduce", cases=cases)
-    assert time.monotonic() - start < 30

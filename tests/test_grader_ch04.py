@@ -11,8 +11,6 @@ and the hang on the setups they need.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -243,21 +241,19 @@ def test_valid_variant_passes(tmp_path, monkeypatch, capsys, name):
 
 
 @pytest.mark.timeout(120)
-def test_a_stuck_server_with_two_servers_is_the_hang_hint_within_30_s(tmp_path, monkeypatch):
+def test_a_stuck_server_with_two_servers_is_the_hang_hint(tmp_path, monkeypatch):
     # The workers wait for a reply that never comes; what their error says ("Timed out",
     # "Connection closed by peer") must not matter. Under a heavy load the ranks start so
-    # slowly that the spawn's deadline (25 s) may come first: the same hint.
+    # slowly that the spawn's deadline may come first: the same hint.
     stuck = edit(
         "    for request in requests:\n", "    time.sleep(60)\n    for request in requests:\n"
     )
     (tmp_path / "my_ps.py").write_text("import time\n" + stuck)
     monkeypatch.chdir(tmp_path)
-    start = time.monotonic()
-    hang = r"(waited more than 10 s|the run hung: no rank finished within 25 s)"
+    hang = r"(waited more than 10 s|the run hung: no rank finished within \d+ s)"
     with pytest.raises(AssertionError, match=hang + r".* every recv needs a matching send\. "
                        r"In sync_round, receive exactly one PUSH from every worker"):  # fmt: skip
         grade_sync_round("my_ps", setups=TWO_SERVERS)
-    assert time.monotonic() - start < 30
 
 
 def test_an_update_of_an_odd_size_is_explained():

@@ -1,7 +1,5 @@
 """The shared grading helper: cases, the forbidden-call guard, failures turned into hints."""
 
-import time
-
 import grading_workers as W
 import pytest
 import torch.distributed as dist
@@ -85,8 +83,8 @@ def test_the_deadline_is_the_hang_hint_too():
 
 
 @pytest.mark.timeout(120)
-def test_a_real_deadlock_becomes_the_hint_quickly():
-    start = time.monotonic()
-    with pytest.raises(AssertionError, match=r"never came \(on 2 ranks\): post every irecv"):
+def test_a_real_deadlock_becomes_the_hint_from_the_process_group_timeout():
+    # gloo's timeout (HANG_S) ends the wait, long before the spawn's deadline would.
+    hang = r"waited more than 10 s for a message that never came \(on 2 ranks\): post every"
+    with pytest.raises(AssertionError, match=hang):
         core.grade(W.first_waits_forever, [core.Case(2)], **KW)
-    assert time.monotonic() - start < 30

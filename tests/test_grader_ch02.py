@@ -55,6 +55,12 @@ def launch_with(body: str) -> str:
 
 
 VALID = {
+    # the reference: DataParallel's own all_reduce (torch's, on state.group), keywords
+    "reference": REFERENCE,
+    # torch's all-reduce started directly, on the group given by keyword
+    "dist_keywords": REFERENCE.replace(
+        START, "bucket.work = dist.all_reduce(bucket.buffer, group=state.group, async_op=True)"
+    ),
     # torch's all-reduce, every argument by position (async_op=True is the 4th), and a
     # for loop with break; the gradient copied with flatten into a narrow()ed view.
     "positional_for_break": launch_with(

@@ -87,6 +87,8 @@ WRONG = {
         "    for fg in zero.flat_groups:\n        C.ring_all_gather",
         "    for fg in zero.flat_groups[:1]:\n        C.ring_all_gather",
     ), r"flat group 1 of 2.*did every rank all-gather\?"),
+    "uncounted": (edit("zero.counter)", "None)"), r"nothing was counted: pass zero\.counter"),
+    "no_step": (edit(STEP, ""), r"did not move"),
 }  # fmt: skip
 
 # Right on a whole world; a subgroup (zero.group is not the world) tells them apart, so they
@@ -176,6 +178,13 @@ def test_valid_variant_passes(tmp_path, monkeypatch, capsys, name):
     out = capsys.readouterr().out
     assert "OK: my_zero inside ZeroRedundancyOptimizer matches single-device sgd and adamw" in out
     assert "subgroup of global ranks (1, 2, 3)" in out
+
+
+@pytest.mark.timeout(120)
+def test_the_library_passes_its_own_grader(monkeypatch, capsys):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the exercise is the library's code
+    grader.grade_zero1_step("course_lib.parallel.zero", world_size=3, steps=2)
+    assert "OK: course_lib.parallel.zero" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(120)

@@ -2,7 +2,6 @@
 
 The ZeRO-1 step grader's attempts and variants are in tests/test_grader_ch03.py."""
 
-from pathlib import Path
 
 import matplotlib
 import pytest
@@ -14,8 +13,6 @@ from course_lib.launch import run_distributed
 from course_lib.model import GPTConfig
 from course_lib.parallel.zero import ZeroRedundancyOptimizer
 from course_lib.viz import widgets
-
-ROOT = Path(__file__).resolve().parent.parent
 
 matplotlib.use("Agg")
 

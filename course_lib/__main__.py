@@ -104,6 +104,29 @@ def _add_pipeline_args(parser: argparse.ArgumentParser) -> None:
                    help="model chunks per rank, interleaved schedule (default 2)")  # fmt: skip
 
 
+def _add_tensor_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("tensor parallel (chapter 6, --strategy tp)")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split LayerNorm and dropout regions along the sequence "
+                        "(Korthikanti et al., 2022)")  # fmt: skip
+
+
+def _tensor_options(args: argparse.Namespace, world: int, error: Callable) -> dict[str, Any]:
+    """The tp strategy's options, checked before any rank starts; {} for other strategies."""
+    if args.strategy != "tp":
+        if args.sequence_parallel:
+            error("--sequence-parallel is a tensor-parallel option: use it with --strategy tp")
+        return {}
+    from course_lib.parallel.tensor_gpt import check_tensor_parallel
+
+    config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    try:
+        check_tensor_parallel(config, world, args.seq_len, args.sequence_parallel)
+    except ValueError as err:
+        error(str(err))
+    return {"sequence_parallel": True} if args.sequence_parallel else {}
+
+
 def _pipeline_options(args: argparse.Namespace, world: int, error: Callable) -> dict[str, Any]:
     """The pp strategy's options, checked before any rank starts; {} for other strategies."""
     given = {k: getattr(args, k) for k in ("schedule", "microbatches", "chunks")}
@@ -178,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_data_args,
         _add_run_args,
         _add_pipeline_args,
+        _add_tensor_args,
     ):
         add(train_parser)
     train_parser.set_defaults(func=cmd_train, error=train_parser.error)
@@ -247,7 +271,8 @@ def _check_launch(args: argparse.Namespace, error: Callable[[str], NoReturn]) ->
     if args.strategy.startswith("ps-") and world < 2:  # chapter 4: one server + workers
         error(f"--strategy {args.strategy} needs a server and at least one worker, but the "
               f"world size is {world}; use --world-size 3 (1 server, 2 workers)")  # fmt: skip
-    args.strategy_options = _pipeline_options(args, world, error)
+    args.strategy_options = {**_pipeline_options(args, world, error),
+                             **_tensor_options(args, world, error)}  # fmt: skip
     return under_torchrun
 
 

@@ -97,9 +97,10 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """The heads' outputs side by side, before ``c_proj``: (B, T, C) -> (B, T, n_head * hd)."""
-        B, T, _ = x.shape
+        qkv = self.c_attn(x)  # (B, T, 3 * nh * hd); a sequence-parallel c_attn (chapter 6)
+        B, T, _ = qkv.shape  # gathers the whole sequence, so T is read from its output
         nh, hd = self.n_head, self.head_dim
-        q, k, v = self.c_attn(x).split(nh * hd, dim=2)  # 3 x (B, T, nh * hd)
+        q, k, v = qkv.split(nh * hd, dim=2)  # 3 x (B, T, nh * hd)
         # (B, T, nh * hd) -> (B, nh, T, hd)
         q = q.view(B, T, nh, hd).transpose(1, 2)
         k = k.view(B, T, nh, hd).transpose(1, 2)

@@ -15,7 +15,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -263,16 +263,19 @@ def train_step(
     y: torch.Tensor,
     lr: float,
     grad_clip: float,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loss_fn,
 ) -> torch.Tensor:
     """One optimizer step on this rank's slice ``(x, y)``; every strategy runs this (chapter 0).
 
     The recipe of every chapter: forward, backward, combine the gradients as the strategy
     does (``sync``), clip by the global norm, step. Returns this rank's loss (a tensor).
+    ``criterion(model(x), y)`` is the loss: :func:`~course_lib.model.loss_fn`, or chapter 6's
+    vocabulary-parallel cross-entropy for a model whose output is a slice of the logits.
     """
     set_lr(optimizer, lr)
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), y)
+    loss = criterion(model(x), y)
     loss.backward()
     sync.finish_gradient_synchronization()
     if grad_clip > 0:
@@ -416,6 +419,7 @@ STRATEGIES: dict[str, str] = {
     "ps-async": "course_lib.parallel.parameter_server:ps_async",  # chapter 4: asynchronous
     "ps-ssp": "course_lib.parallel.parameter_server:ps_ssp",  # chapter 4: bounded staleness
     "pp": "course_lib.parallel.pipeline_strategy:pipeline_strategy",  # chapter 5: pipeline
+    "tp": "course_lib.parallel.tensor_strategy:tensor_strategy",  # chapter 6: tensor parallel
 }
 
 

@@ -60,15 +60,25 @@ PALETTE: dict[str, str] = {
     "ps-async": _BROWN,
     "ps-ssp": _PINK,
     "pp": SEQUENCE[9],  # cyan: chapter 5's pipeline parallelism
+    "tp": SEQUENCE[8],  # olive: chapter 6's tensor parallelism
     # Pipeline actions (chapter 5), keyed by Action.op: forward, backward (the input
     # gradient when W is split off), weight gradient; and a rank's idle time (the bubble).
     "F": _BLUE,
     "B": _ORANGE,
     "W": _GREEN,
     "idle": "#f2f2f2",
+    # Chapter 6 (tensor parallelism): a layer's modelled time split into compute and
+    # communication, the communication coloured by the link it crosses; the f / g
+    # operators (collectives) of the Megatron dataflow. A figure's ranks take SEQUENCE[rank].
+    "compute": _GREEN,
+    "comm_intra": _PURPLE,  # inside a node (NVLink)
+    "comm_inter": _RED,  # across nodes (InfiniBand)
+    "collective": "#fbe3e3",  # f / g boxes: a pale red, the colour of communication
+    "replicated": "#dddddd",  # a tensor or layer every rank holds whole
 }
 
 
 def color(i: int) -> str:
     """The ``i``-th colour of :data:`SEQUENCE`, wrapping around (``f"C{i}"`` as a hex string)."""
     return SEQUENCE[i % len(SEQUENCE)]
+

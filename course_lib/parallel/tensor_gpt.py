@@ -230,17 +230,19 @@ def tensor_parallelize(
     *,
     collectives: str = "ours",
     counter: Any = None,
+    clock: Any = None,
     seed: int = 0,
 ) -> TensorParallelGPT:
     """Chapter 6: the reference ``model`` sliced for this rank of ``topology``'s tp group.
 
     ``model`` must hold the same weights on every rank (build it with the same seed); it
     is not modified. ``collectives`` "ours" (chapter 1's ring, bytes counted in
-    ``counter``) or "torch". ``seed`` seeds the per-rank dropout stream
-    (:class:`TensorParallelRNG`).
+    ``counter``, a :class:`~course_lib.collectives.CommCounter`) or "torch"; ``clock`` (a
+    :class:`~course_lib.parallel.tensor_parallel.CommClock`) adds up their time. ``seed``
+    seeds the per-rank dropout stream (:class:`TensorParallelRNG`).
     """
     alone = topology.tp_group is None
-    comm = TPComm(topology.tp_group, counter, collectives, alone=alone)
+    comm = TPComm(topology.tp_group, counter, collectives, alone=alone, clock=clock)
     return TensorParallelGPT(model, comm, sequence_parallel, seed)
 
 

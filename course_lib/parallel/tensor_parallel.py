@@ -32,7 +32,9 @@ every operator the identity.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,21 @@ from course_lib import collectives as C
 COLLECTIVES = ("ours", "torch")  # chapter 1's counted ring, or torch.distributed's own
 
 
+@dataclass
+class CommClock:
+    """Chapter 6: seconds this rank spent inside the tensor-parallel collectives, and calls.
+
+    Wall-clock time from entering a collective to leaving it: the transfer plus any wait
+    for a slower rank to arrive. ``seconds / step time`` is the communication share.
+    """
+
+    seconds: float = 0.0
+    calls: int = 0
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+
+
 @dataclass(frozen=True)
 class TPComm:
     """Chapter 6: how a tensor-parallel layer talks: its group, whose collectives, what counts.
@@ -52,13 +69,15 @@ class TPComm:
     ``group`` None means the default group (every rank). ``collectives`` is "ours" (chapter
     1's ring, whose bytes ``counter`` adds up) or "torch" (torch's; nothing is counted).
     ``alone=True`` is a group of just this process, even inside a launched world
-    (``Topology.single()``): every operator is then the identity.
+    (``Topology.single()``): every operator is then the identity. ``clock`` (a
+    :class:`CommClock`) adds up the time spent in the collectives.
     """
 
     group: dist.ProcessGroup | None = None
     counter: C.CommCounter | None = None
     collectives: str = "ours"
     alone: bool = False
+    clock: CommClock | None = None
 
     def __post_init__(self) -> None:
         if self.collectives not in COLLECTIVES:
@@ -83,6 +102,24 @@ class TPComm:
 # ---------------------------------------------------------------------------------------
 
 
+def _timed(collective: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Add the collective's wall-clock time to ``comm.clock`` when there is one."""
+
+    @functools.wraps(collective)
+    def run(x: torch.Tensor, comm: TPComm, *args: int) -> torch.Tensor:
+        if comm.clock is None or comm.size == 1:
+            return collective(x, comm, *args)
+        start = time.perf_counter()
+        try:
+            return collective(x, comm, *args)
+        finally:
+            comm.clock.seconds += time.perf_counter() - start
+            comm.clock.calls += 1
+
+    return run
+
+
+@_timed
 def all_reduce(x: torch.Tensor, comm: TPComm) -> torch.Tensor:
     """Chapter 6: the sum of ``x`` over the group, on every rank."""
     out = x.detach().clone(memory_format=torch.contiguous_format)
@@ -111,6 +148,7 @@ def split(x: torch.Tensor, comm: TPComm, dim: int) -> torch.Tensor:
     return x.chunk(comm.size, dim)[comm.rank].contiguous()
 
 
+@_timed
 def all_gather(x: torch.Tensor, comm: TPComm, dim: int) -> torch.Tensor:
     """Chapter 6: every rank's ``x`` joined along ``dim`` in group-rank order, on every rank."""
     n = comm.size
@@ -127,6 +165,7 @@ def all_gather(x: torch.Tensor, comm: TPComm, dim: int) -> torch.Tensor:
     return full.movedim(0, dim)
 
 
+@_timed
 def reduce_scatter(x: torch.Tensor, comm: TPComm, dim: int) -> torch.Tensor:
     """Chapter 6: this rank's piece along ``dim`` of the sum of ``x`` over the group."""
     n = comm.size

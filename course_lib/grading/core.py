@@ -44,7 +44,9 @@ ATOL = 1e-5
 # every graded run, so a hang becomes a hint in about HANG_S plus the ranks' start-up.
 HANG_S = 10.0
 # The hard deadline of one graded spawn (an endless loop that sends nothing ends here).
-DEADLINE_S = 30.0
+# A 4-rank spawn running every case takes ~10 s on a quiet 2-core laptop but over 30 s on
+# a loaded one, so the deadline leaves room: a real hang is caught by HANG_S long before.
+DEADLINE_S = 60.0
 
 # What a rank's error says when it waited for a peer that never came, in any of its forms.
 _HANG_MARKERS = (

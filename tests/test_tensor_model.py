@@ -1,16 +1,20 @@
-"""Chapter 6's cost model: bytes per block, parameters per rank, and the node boundary."""
+"""Chapter 6's cost model: bytes per block and per step, parameters and activations per rank,
+and the node boundary."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
+import torch
 import torch.nn as nn
 
 from course_lib.cost import comm_model
 from course_lib.cost import tensor_model as tm
 from course_lib.cost.hardware import GB, peak_flops
-from course_lib.model import CausalSelfAttention, GPTConfig, count_parameters
+from course_lib.model import GPT, CausalSelfAttention, GPTConfig, count_parameters
+from course_lib.parallel.tensor_gpt import tensor_parallelize
+from course_lib.topology import Topology
 
 # -- bytes per block per pass ------------------------------------------------------------
 
@@ -189,3 +193,111 @@ def test_layer_time_errors_name_the_fix():
         tm.layer_time({"d": 1024}, 1, 8, 2)
     with pytest.raises(ValueError, match="gpus_per_node must be an integer >= 1"):
         tm.layer_time(1024, 1, 8, 2, gpus_per_node=0)
+
+
+# -- bytes of one whole training step (model_comm_bytes) ---------------------------------
+
+
+def test_model_bytes_by_hand():
+    # L=1, d=8, B=2, T=4 at tp=2 in fp32: an activation is n = 2*4*8 = 64 elements, 256 bytes;
+    # a ring all-reduce sends 2 * (1/2) * 256 = 256 bytes from each rank.
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4)
+    got = tm.model_comm_bytes(config, 2, 4, tp=2)
+    assert got == {
+        "embedding": 256,  # g after the vocabulary-parallel lookup
+        "blocks": 4 * 256,  # 2 g forward + 2 f backward
+        "lm_head": 256,  # f backward
+        "cross_entropy": 8 * 4 + 64,  # all-gather of 2 x 8 row maxima; all-reduce of 2 x 8
+        "sequence_parallel_grads": 0,
+        "total": 1632,
+    }
+    sp = tm.model_comm_bytes(config, 2, 4, tp=2, sequence_parallel=True)
+    # the same activations as reduce-scatter + all-gather pairs; plus the sum of the
+    # sequence-parallel gradients: ln_1, ln_2 (4 * 8), two row biases (16), wpe (4 * 8), ln_f (16)
+    assert {k: sp[k] for k in ("embedding", "blocks", "lm_head", "cross_entropy")} == {
+        k: got[k] for k in ("embedding", "blocks", "lm_head", "cross_entropy")
+    }
+    assert tm.sequence_parallel_grad_numel(config) == 32 + 16 + 32 + 16
+    assert sp["sequence_parallel_grads"] == 96 * 4  # 2 * (1/2) * 96 elements * 4 bytes
+    assert sp["total"] == got["total"] + 384
+
+
+def test_model_bytes_at_tp_1_are_zero_and_bf16_halves_all_but_the_loss():
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16)
+    assert tm.model_comm_bytes(config, 3, 5, tp=1)["total"] == 0
+    assert tm.model_comm_bytes(config, 4, 16, tp=1, sequence_parallel=True)["total"] == 0
+    fp32 = tm.model_comm_bytes(config, 4, 16, tp=4)
+    bf16 = tm.model_comm_bytes(config, 4, 16, tp=4, bytes_per_element=2)
+    for key in ("embedding", "blocks", "lm_head"):
+        assert bf16[key] * 2 == fp32[key]
+    assert bf16["cross_entropy"] == fp32["cross_entropy"]  # the softmax works in fp32
+    untied = dataclasses.replace(config, tie_weights=False, bias=False)
+    assert tm.model_comm_bytes(untied, 4, 16, tp=4)["total"] == fp32["total"]
+
+
+def test_model_bytes_uneven_ring_chunks_differ_by_rank_and_sum_to_the_ring_total():
+    config = GPTConfig(n_layer=1, n_head=4, n_embd=16, block_size=8)
+    per_rank = [tm.model_comm_bytes(config, 3, 5, tp=4, rank=r) for r in range(4)]
+    ce = [r["cross_entropy"] for r in per_rank]
+    assert len(set(ce)) > 1  # 2M = 30 elements do not split into 4 equal chunks
+    m = 3 * 5  # over the ring every element is sent (N - 1) times per half
+    assert sum(ce) == 4 * (3 * 4 * m) + 4 * (2 * 3 * 2 * m)  # all-gather of 4M, all-reduce 2M
+    assert len({r["blocks"] for r in per_rank}) == 1  # d divides: blocks are even
+
+
+def test_model_bytes_errors_name_the_fix():
+    config = GPTConfig(n_layer=1, n_head=4, n_embd=16, block_size=8)
+    with pytest.raises(ValueError, match=r"rank=4 is not a rank of a group of tp=4; use 0 \.\. 3"):
+        tm.model_comm_bytes(config, 2, 8, tp=4, rank=4)
+    with pytest.raises(ValueError, match="does not divide the sequence length seq"):
+        tm.model_comm_bytes(config, 2, 6, tp=4, sequence_parallel=True)
+    with pytest.raises(ValueError, match=r"tp=3 does not divide n_head=4"):
+        tm.model_comm_bytes(config, 2, 6, tp=3)
+
+
+# -- activation bytes of one tensor-parallel rank (tp_activation_terms) ------------------
+
+
+@pytest.mark.parametrize("sp", [False, True])
+@pytest.mark.parametrize("bias, tie", [(True, True), (False, False)])
+def test_tp_activation_formula_equals_the_measurement_at_tp_1(sp, bias, tie):
+    """In one process (no group: every operator the identity); tp = 2 and 4 run in
+    tests/test_chapter6.py on spawned ranks."""
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=8, vocab_size=250,
+                       bias=bias, tie_weights=tie)  # fmt: skip
+    torch.manual_seed(0)
+    model = tensor_parallelize(GPT(config), Topology.single(), sp)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (3, 7), generator=gen)
+    got = tm.measure_tp_saved_activation_bytes(model, tokens[:, :-1], tokens[:, 1:])
+    assert got == tm.tp_activation_bytes(config, 3, 6, 1, sp)
+
+
+def test_tp_activation_terms_divide_as_korthikanti_says():
+    config = GPTConfig(n_layer=2, n_head=8, n_embd=64, block_size=32)
+    B, T, d, L = 4, 32, 64, 2
+    one = tm.tp_activation_terms(config, B, T, 1)
+    for tp in (2, 4, 8):
+        plain = tm.tp_activation_terms(config, B, T, tp)
+        sp = tm.tp_activation_terms(config, B, T, tp, sequence_parallel=True)
+        for key, value in one.items():
+            if "(/N)" in key:  # inside the tensor-parallel regions: always / tp
+                assert plain[key] == sp[key] == value // tp, key
+            elif "(/N with SP)" in key:  # the LayerNorm region: / tp only with SP
+                assert plain[key] == value and sp[key] == value // tp, key
+            else:  # whole on every rank
+                assert plain[key] == sp[key] == value, key
+        assert plain["blocks: attention and MLP inputs (whole)"] == L * 2 * B * T * d * 4
+        assert tm.tp_activation_bytes(config, B, T, tp, True) < tm.tp_activation_bytes(
+            config, B, T, tp
+        )
+
+
+def test_tp_activation_errors():
+    config = GPTConfig(n_layer=1, n_head=4, n_embd=16, block_size=8)
+    with pytest.raises(ValueError, match="assumes dropout=0"):
+        tm.tp_activation_terms(dataclasses.replace(config, dropout=0.1), 2, 8, 2)
+    with pytest.raises(ValueError, match="seq=9 exceeds block_size=8"):
+        tm.tp_activation_terms(config, 2, 9, 2)
+    with pytest.raises(ValueError, match="does not divide the sequence length seq"):
+        tm.tp_activation_terms(config, 2, 6, 4, sequence_parallel=True)

@@ -38,9 +38,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from course_lib.cost import hardware
-from course_lib.cost.comm_model import predict
+from course_lib.cost.comm_model import bytes_sent_per_rank, predict
 from course_lib.cost.hardware import GB
+from course_lib.memory import held_bytes
 from course_lib.model import GPTConfig
 
 # ---------------------------------------------------------------------------------------
@@ -329,3 +332,227 @@ def node_boundary_table(
                      "link": used["link"], "inside_node": tp <= gpus_per_node,
                      "gpus_per_node": gpus_per_node})  # fmt: skip
     return rows
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Bytes of one whole training step, by origin (chapter 6)
+# ---------------------------------------------------------------------------------------
+
+FP32_BYTES = 4  # vocab_parallel_cross_entropy works in fp32 (or wider) whatever the logits
+
+
+def _ring_bytes(algorithm: str, numel: int, tp: int, rank: int, element_bytes: int) -> int:
+    """Chapter 1's exact count of one ring collective of ``numel`` elements, for ``rank``."""
+    if numel == 0 or tp == 1:
+        return 0
+    n_bytes = numel * element_bytes
+    return bytes_sent_per_rank(algorithm, n_bytes, tp, rank, element_size=element_bytes)
+
+
+def sequence_parallel_grad_numel(config: GPTConfig) -> int:
+    """Chapter 6: elements :func:`~course_lib.parallel.tensor_gpt.sync_sequence_parallel_grads`
+    all-reduces: every parameter marked ``sequence_parallel``.
+
+    Those are the replicated parameters that see only this rank's positions: ``ln_1`` and
+    ``ln_2`` (weight, and bias with ``config.bias``) and the two row-parallel biases of
+    every block, the position embedding (its whole (block_size, d) gradient, dense), and
+    ``ln_f``.
+    """
+    d, b = config.n_embd, 1 if config.bias else 0
+    per_block = 2 * (d + b * d) + 2 * b * d  # two LayerNorms, attn.c_proj and mlp.c_proj biases
+    return config.n_layer * per_block + config.block_size * d + (d + b * d)
+
+
+def model_comm_bytes(
+    config: GPTConfig,
+    batch: int,
+    seq: int,
+    tp: int,
+    sequence_parallel: bool = False,
+    bytes_per_element: int = 4,
+    *,
+    rank: int = 0,
+) -> dict[str, int]:
+    """Chapter 6: payload bytes group rank ``rank`` SENDS in one training forward + backward
+    of the whole TensorParallelGPT with our ring collectives, by origin.
+
+    Read off the code, operator by operator (n = B·T·d elements, M = B·T positions;
+    "AR", "RS", "AG": ring all-reduce, reduce-scatter, all-gather):
+
+    - ``embedding``: the ``g`` after the vocabulary-parallel lookup, AR(n) forward; with
+      sequence parallelism RS(n) forward and AG(n) backward;
+    - ``blocks`` (x L): two ``g`` in forward (after attention, after the MLP) and two
+      ``f`` in backward (before c_attn, before c_fc), each AR(n); with SP each ``g`` is
+      RS(n) forward + AG(n) backward, each ``f`` AG(n) forward + RS(n) backward;
+    - ``lm_head``: its ``f``, AR(n) backward; with SP AG(n) forward + RS(n) backward;
+    - ``cross_entropy`` (forward only): AG of the N x M row maxima and AR of 2M numbers
+      (sum of exponentials, target logit), both fp32, with or without SP;
+    - ``sequence_parallel_grads`` (SP only): one AR of
+      :func:`sequence_parallel_grad_numel` elements.
+
+    The backward of the embedding's ``g`` and of the cross-entropy is local. Each collective
+    is chapter 1's exact per-rank count (:func:`~course_lib.cost.comm_model.bytes_sent_per_rank`):
+    a ring all-reduce sends every chunk but its own in the reduce-scatter half and every
+    chunk but its right neighbour's in the all-gather half, so when N does not divide the
+    element count (the cross-entropy's 2M) ranks send different amounts; hence ``rank``.
+    The cross-entropy's collectives run in fp32 (its softmax is computed in
+    ``promote_types(dtype, float32)``), the rest in ``bytes_per_element``. Returns
+    ``{"embedding", "blocks", "lm_head", "cross_entropy", "sequence_parallel_grads",
+    "total"}`` in bytes; all zero at tp = 1. The optimizer step sends nothing.
+    """
+    for name, value in (("batch", batch), ("seq", seq), ("tp", tp)):
+        _check_int(name, value)
+    _check_int("bytes_per_element", bytes_per_element)
+    _check_int("rank", rank, minimum=0)
+    if rank >= tp:
+        raise ValueError(f"rank={rank} is not a rank of a group of tp={tp}; use 0 .. {tp - 1}")
+    _check_tp_divides(tp, "n_head", config.n_head)
+    if sequence_parallel:
+        _check_tp_divides(tp, "the sequence length seq (sequence parallelism shards it)", seq)
+    n, m, s = batch * seq * config.n_embd, batch * seq, bytes_per_element
+
+    def ring(algorithm: str, numel: int, element_bytes: int = s) -> int:
+        return _ring_bytes(algorithm, numel, tp, rank, element_bytes)
+
+    all_reduce = ring("ring_all_reduce", n)  # g or f on a (B, T, d) activation
+    rs_ag = ring("ring_reduce_scatter", n) + ring("ring_all_gather", n)  # SP's pair
+    ce_bytes = max(s, FP32_BYTES)
+    out = {
+        "embedding": rs_ag if sequence_parallel else all_reduce,
+        "blocks": config.n_layer * 2 * (2 * rs_ag if sequence_parallel else 2 * all_reduce),
+        "lm_head": rs_ag if sequence_parallel else all_reduce,
+        "cross_entropy": ring("ring_all_gather", tp * m, ce_bytes)
+        + ring("ring_all_reduce", 2 * m, ce_bytes),
+        "sequence_parallel_grads": (
+            ring("ring_all_reduce", sequence_parallel_grad_numel(config))
+            if sequence_parallel
+            else 0
+        ),
+    }
+    return {**out, "total": sum(out.values())}
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Activation memory of one tensor-parallel rank (chapter 6)
+# ---------------------------------------------------------------------------------------
+
+INDEX_BYTES = 8  # token ids and positions are int64
+LSE_BYTES = 4  # the flash kernel's logsumexp is fp32 whatever the activation dtype
+BOOL_BYTES = 1  # the embedding's and the loss's masks
+
+
+def tp_activation_terms(
+    config: GPTConfig,
+    batch: int,
+    seq: int,
+    tp: int,
+    sequence_parallel: bool = False,
+    dtype_bytes: int = 4,
+) -> dict[str, int]:
+    """Chapter 6: bytes autograd saves on ONE rank of the TensorParallelGPT, by origin.
+
+    The tensor-parallel twin of :func:`course_lib.cost.cost_model.activation_terms` (read
+    it first): dropout 0, the CPU flash attention kernel, LayerNorm statistics in the
+    activation dtype, distinct storages, parameters excluded. B = ``batch``, T = ``seq``,
+    d = n_embd, h = n_head, N = ``tp``, s = ``dtype_bytes``; "/N (SP)" divides by N only
+    with ``sequence_parallel``. Derived op by op from the code:
+
+    per block (x L):
+      - ``ln_1``, ``ln_2``: their inputs (2 BTd s) and mean and 1/std (4 BT s): the
+        LayerNorm region, /N (SP), as in Korthikanti et al. (2022);
+      - the inputs of ``c_attn`` and ``c_fc`` (2 BTd s), the LayerNorms' outputs, are
+        NEVER divided: without SP every rank holds the whole (B, T, d); with SP the
+        column-parallel layer all-gathers the sequence and ``F.linear`` saves the gathered
+        input. (Megatron-LM saves the T/N shard instead and all-gathers it again in
+        backward; that is the one place our numbers stay above the paper's sbh·34/t.);
+      - inside the tensor-parallel regions, /N always: q, k, v of this rank's heads
+        (3 BTd s / N), the attention output (BTd s / N, also the row-parallel ``c_proj``'s
+        input), the fp32 logsumexp (4 B (h/N) T), the GELU's input and output
+        (8 BTd s / N, the second also ``c_proj``'s input).
+    outside the blocks:
+      - the vocabulary-parallel embedding saves its masked local ids (int64, 8 BT) and the
+        mask of ids outside its block (bool, BT); the position embedding its positions
+        (8 T, /N (SP)). Unlike the reference, the input ids themselves are not saved;
+      - ``ln_f``: input and statistics, BTd s + 2 BT s, /N (SP); the LM head's input, BTd s,
+        whole (all-gathered with SP, as ``c_attn``'s);
+      - the vocabulary-parallel cross-entropy saves this rank's softmax, (BT, V_pad/N) in
+        fp32 (or wider), whether each row's target is in this rank's block (bool, BT) and
+        its local column (int64, 8 BT). The targets themselves are not saved.
+    Residual adds, views, the f/g operators and zero-probability dropout save nothing.
+    Exact (to the byte) against
+    :func:`measure_tp_saved_activation_bytes` at tp = 1, 2, 4, with and without SP, for
+    fp32 on CPU (tests/test_chapter6.py). On CUDA the LayerNorm statistics are fp32 and
+    the attention kernel differs, as in ``activation_terms``.
+    """
+    if config.dropout != 0.0:
+        raise ValueError(
+            f"the formula assumes dropout=0 (dropout saves masks); got {config.dropout}"
+        )
+    for name, value in (("batch", batch), ("seq", seq), ("tp", tp)):
+        _check_int(name, value)
+    _check_int("dtype_bytes", dtype_bytes)
+    if seq > config.block_size:
+        raise ValueError(f"seq={seq} exceeds block_size={config.block_size}")
+    _check_tp_divides(tp, "n_head", config.n_head)
+    if sequence_parallel:
+        _check_tp_divides(tp, "the sequence length seq (sequence parallelism shards it)", seq)
+    B, T, s, N = batch, seq, dtype_bytes, tp
+    d, h, L = config.n_embd, config.n_head, config.n_layer
+    BT, sp = B * T, N if sequence_parallel else 1  # sp: what the LayerNorm region divides by
+    per_block = {
+        "layernorm inputs (/N with SP)": 2 * BT * d * s // sp,
+        "layernorm mean/rstd (/N with SP)": 2 * 2 * BT * s // sp,
+        "attention and MLP inputs (whole)": 2 * BT * d * s,
+        "q, k, v (/N)": 3 * BT * d * s // N,
+        "attention output (/N)": BT * d * s // N,
+        "attention logsumexp (/N)": LSE_BYTES * B * (h // N) * T,
+        "GELU in/out (/N)": 2 * 4 * BT * d * s // N,
+    }
+    terms = {f"blocks: {k}": L * v for k, v in per_block.items()}
+    terms["embedding: local ids, mask"] = INDEX_BYTES * BT + BOOL_BYTES * BT
+    terms["positions (/N with SP)"] = INDEX_BYTES * T // sp
+    terms["final layernorm (/N with SP)"] = (BT * d * s + 2 * BT * s) // sp
+    terms["LM head input (whole)"] = BT * d * s
+    vocab_shard = padded_vocab(config.vocab_size, N) // N
+    terms["cross-entropy softmax shard (/N)"] = BT * vocab_shard * max(s, FP32_BYTES)
+    terms["cross-entropy target mask, local ids"] = BOOL_BYTES * BT + INDEX_BYTES * BT
+    return terms
+
+
+def tp_activation_bytes(
+    config: GPTConfig,
+    batch: int,
+    seq: int,
+    tp: int,
+    sequence_parallel: bool = False,
+    dtype_bytes: int = 4,
+) -> int:
+    """Chapter 6: the total of :func:`tp_activation_terms`, bytes saved on one rank."""
+    return sum(tp_activation_terms(config, batch, seq, tp, sequence_parallel, dtype_bytes).values())
+
+
+def measure_tp_saved_activation_bytes(
+    model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor
+) -> int:
+    """Chapter 6: bytes of the distinct storages autograd saves in ``model.loss(model(idx), y)``.
+
+    :func:`~course_lib.cost.cost_model.measure_saved_activation_bytes` with the
+    tensor-parallel model's own (vocabulary-parallel) loss: every tensor saved for
+    backward, through ``saved_tensors_hooks``, each storage once at its full size,
+    parameters' storages left out. Forward only; on a tensor-parallel model it is a
+    collective (every rank of the group must call it).
+    """
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in param_ptrs:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.loss(model(idx), targets)
+    del loss
+    total = held_bytes(saved)
+    saved.clear()
+    return total

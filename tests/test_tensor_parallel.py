@@ -131,3 +131,15 @@ def test_a_split_that_cannot_work_is_refused_with_the_choices():
     check_tensor_parallel(cfg, 4, 10, sequence_parallel=False)  # no split of the sequence
     with pytest.raises(ValueError, match="integer >= 1"):
         check_tensor_parallel(cfg, 0)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_same_loss_and_gradients_as_torch_dtensor(tp):
+    """Ours and torch's ColwiseParallel / RowwiseParallel / SequenceParallel / loss_parallel."""
+    for rank, out in enumerate(results(tp)):
+        for sp, res in out["torch"].items():
+            ours, theirs = res["loss"]
+            assert ours == pytest.approx(theirs, rel=1e-6), (rank, sp)
+            assert set(res["ours"]) - {"lm_head.weight"} == set(res["torch"]), (rank, sp)
+            for name, want in res["torch"].items():
+                _close((res["ours"][name], want), f"tp={tp} rank {rank} sp={sp}: {name}")

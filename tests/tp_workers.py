@@ -11,9 +11,11 @@ from torch import nn
 
 from course_lib import collectives as C
 from course_lib.model import GPT, Block, GPTConfig, loss_fn
+from course_lib.parallel import dtensor_tp
 from course_lib.parallel import tensor_parallel as T
 from course_lib.parallel.tensor_gpt import (
     TensorParallelBlock,
+    gather_full_gradients,
     gather_full_state_dict,
     tensor_parallelize,
 )
@@ -218,6 +220,23 @@ def dropout(topology: Topology) -> dict:
     return {"stream": h.detach(), "outside": outside, "inside": inside}
 
 
+def ours_and_torch(topology: Topology) -> dict:
+    """The same GPT under our tensor parallelism and torch's DTensor: loss and whole gradients."""
+    cfg = config()
+    x, y = batch(cfg)
+    out = {}
+    for sp in (False, True):
+        ours = tensor_parallelize(_reference(cfg), topology, sp)
+        loss = ours.loss(ours(x), y)
+        loss.backward()
+        TensorParallelSync(ours).finish_gradient_synchronization()
+        theirs = dtensor_tp.torch_tensor_parallelize(_reference(cfg), topology.tp_group, sp)
+        their_loss = dtensor_tp.torch_tp_step(theirs, x, y)
+        out[sp] = {"loss": (loss.item(), their_loss), "ours": gather_full_gradients(ours),
+                   "torch": dtensor_tp.full_gradients(theirs)}  # fmt: skip
+    return out
+
+
 def everything(ctx, cases: list[dict], extras: bool) -> dict:
     torch.set_num_threads(1)
     topology = Topology(tp=ctx.world_size)
@@ -225,6 +244,6 @@ def everything(ctx, cases: list[dict], extras: bool) -> dict:
     if extras:
         out.update(layers=layers(topology), entropy=cross_entropy(topology),
                    gradcheck=gradchecks(topology), bytes=block_bytes(topology),
-                   dropout=dropout(topology))  # fmt: skip
+                   dropout=dropout(topology), torch=ours_and_torch(topology))  # fmt: skip
     dist.barrier()
     return out

@@ -270,23 +270,16 @@ def _named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return list(model.named_parameters(remove_duplicate=False))
 
 
-def gather_full_state_dict(model: TensorParallelGPT) -> dict[str, torch.Tensor]:
-    """Chapter 6: the reference GPT's state dict, whole, from every rank's slices (a collective).
-
-    Each rank sends its slices with their :class:`~course_lib.parallel.tensor_parallel.TPShard`
-    index (one ``all_gather_object`` over the group); every rank puts them in place.
-    """
-    mine = {
-        n: (p.detach().cpu(), p.tp_shard)
-        for n, p in _named_parameters(model)
-        if hasattr(p, "tp_shard")
-    }
+def _gather_whole(model: TensorParallelGPT, pick: Any) -> dict[str, torch.Tensor]:
+    """``pick(p)`` of every parameter, whole, from every rank's slices (a collective)."""
+    named = [(n, p) for n, p in _named_parameters(model) if pick(p) is not None]
+    mine = {n: (pick(p).detach().cpu(), p.tp_shard) for n, p in named if hasattr(p, "tp_shard")}
     comm = model.comm
     everyone = [mine] if comm.size == 1 else gather_object(mine, comm.group)
     full: dict[str, torch.Tensor] = {}
-    for name, p in _named_parameters(model):
+    for name, p in named:
         if not hasattr(p, "tp_shard"):
-            full[name] = p.detach().cpu().clone()
+            full[name] = pick(p).detach().cpu().clone()
             continue
         whole = torch.zeros(p.tp_shard.full_shape, dtype=p.dtype)
         for part in everyone:
@@ -294,6 +287,20 @@ def gather_full_state_dict(model: TensorParallelGPT) -> dict[str, torch.Tensor]:
             shard.put(whole, data)
         full[name] = whole
     return full
+
+
+def gather_full_state_dict(model: TensorParallelGPT) -> dict[str, torch.Tensor]:
+    """Chapter 6: the reference GPT's state dict, whole, from every rank's slices (a collective).
+
+    Each rank sends its slices with their :class:`~course_lib.parallel.tensor_parallel.TPShard`
+    index (one ``all_gather_object`` over the group); every rank puts them in place.
+    """
+    return _gather_whole(model, lambda p: p)
+
+
+def gather_full_gradients(model: TensorParallelGPT) -> dict[str, torch.Tensor]:
+    """Chapter 6: every gradient, whole, under the reference GPT's names (a collective)."""
+    return _gather_whole(model, lambda p: p.grad)
 
 
 @torch.no_grad()

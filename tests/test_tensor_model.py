@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from course_lib.cost import comm_model
 from course_lib.cost import tensor_model as tm
+from course_lib.cost.cost_model import measure_saved_activation_bytes
 from course_lib.cost.hardware import GB, peak_flops
 from course_lib.model import GPT, CausalSelfAttention, GPTConfig, count_parameters
 from course_lib.parallel.tensor_gpt import tensor_parallelize
@@ -269,7 +270,7 @@ def test_tp_activation_formula_equals_the_measurement_at_tp_1(sp, bias, tie):
     model = tensor_parallelize(GPT(config), Topology.single(), sp)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (3, 7), generator=gen)
-    got = tm.measure_tp_saved_activation_bytes(model, tokens[:, :-1], tokens[:, 1:])
+    got = measure_saved_activation_bytes(model, tokens[:, :-1], tokens[:, 1:], model.loss)
     assert got == tm.tp_activation_bytes(config, 3, 6, 1, sp)
 
 

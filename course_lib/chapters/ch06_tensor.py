@@ -281,7 +281,8 @@ def memory_worker(
     """Chapter 6: activation and parameter bytes on this rank, measured beside the formulas.
 
     For each ``sequence_parallel`` (both by default): ``activation_bytes`` (what autograd saves in
-    one forward + vocabulary-parallel loss, :func:`tm.measure_tp_saved_activation_bytes`),
+    one forward + vocabulary-parallel loss, measured by
+    :func:`~course_lib.cost.cost_model.measure_saved_activation_bytes`),
     ``activation_formula`` and its ``activation_terms``
     (:func:`~course_lib.cost.tensor_model.tp_activation_terms`), ``param_bytes`` and
     ``param_formula`` (``parameter_count_per_rank`` x 4, fp32). Every rank of the group
@@ -297,7 +298,7 @@ def memory_worker(
         model = tensor_parallelize(reference(config).to(ctx.device), topology, sp)
         terms = tm.tp_activation_terms(config, batch_size, seq, tp, sp)
         out[sp] = {
-            "activation_bytes": tm.measure_tp_saved_activation_bytes(model, x, y),
+            "activation_bytes": cost_model.measure_saved_activation_bytes(model, x, y, model.loss),
             "activation_formula": sum(terms.values()),
             "activation_terms": terms,
             "param_bytes": local_param_bytes(model),

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -339,8 +340,16 @@ def korthikanti_activation_bytes(
 # ---------------------------------------------------------------------------------------
 
 
-def measure_saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves in ``loss_fn(model(x), y)`` (chapter 0).
+def measure_saved_activation_bytes(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loss_fn,
+) -> int:
+    """Bytes of the distinct storages autograd saves in ``criterion(model(x), y)`` (chapter 0).
+
+    ``criterion`` is :func:`~course_lib.model.loss_fn`, or chapter 6's vocabulary-parallel
+    loss (``tp_model.loss``) for a tensor-parallel model, where the call is a collective.
 
     Runs the forward under ``torch.autograd.graph.saved_tensors_hooks``; every tensor
     an op saves for backward passes through the pack hook. Several saved tensors can be
@@ -359,7 +368,7 @@ def measure_saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.T
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(model(x), y)  # the loss is part of the measured graph
+        loss = criterion(model(x), y)  # the loss is part of the measured graph
     del loss
     total = held_bytes(saved)
     saved.clear()

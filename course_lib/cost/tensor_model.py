@@ -38,12 +38,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from course_lib.cost import hardware
 from course_lib.cost.comm_model import bytes_sent_per_rank, predict
 from course_lib.cost.hardware import GB
-from course_lib.memory import held_bytes
 from course_lib.model import GPTConfig
 
 # ---------------------------------------------------------------------------------------
@@ -529,30 +526,3 @@ def tp_activation_bytes(
 ) -> int:
     """Chapter 6: the total of :func:`tp_activation_terms`, bytes saved on one rank."""
     return sum(tp_activation_terms(config, batch, seq, tp, sequence_parallel, dtype_bytes).values())
-
-
-def measure_tp_saved_activation_bytes(
-    model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor
-) -> int:
-    """Chapter 6: bytes of the distinct storages autograd saves in ``model.loss(model(idx), y)``.
-
-    :func:`~course_lib.cost.cost_model.measure_saved_activation_bytes` with the
-    tensor-parallel model's own (vocabulary-parallel) loss: every tensor saved for
-    backward, through ``saved_tensors_hooks``, each storage once at its full size,
-    parameters' storages left out. Forward only; on a tensor-parallel model it is a
-    collective (every rank of the group must call it).
-    """
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: list[torch.Tensor] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in param_ptrs:
-            saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model.loss(model(idx), targets)
-    del loss
-    total = held_bytes(saved)
-    saved.clear()
-    return total

@@ -53,12 +53,12 @@ from torch import nn
 
 from course_lib import collectives as C
 from course_lib.grading.core import (
-    ATOL,
-    RTOL,
     Case,
+    close,
     forbid_collectives,
     grade,
     import_learner,
+    worst,
 )
 from course_lib.parallel.zero import ZeroRedundancyOptimizer
 
@@ -112,21 +112,6 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + step)
     x = torch.randn(GLOBAL_BATCH, IN, generator=gen)
     return x, torch.randn(GLOBAL_BATCH, OUT, generator=gen)
-
-
-def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
-    """Chapter 3's grader: same shape and equal to fp32 tolerance (:data:`RTOL`, :data:`ATOL`)."""
-    return got.shape == want.shape and torch.allclose(got, want, rtol=RTOL, atol=ATOL)
-
-
-def _worst(got: torch.Tensor, want: torch.Tensor) -> str:
-    """``by up to D (element i: got g, expected e)`` for the largest difference."""
-    diff = (got - want).abs().flatten()
-    i = int(diff.argmax())
-    return (
-        f"by up to {diff[i].item():.3g} (element {i}: got {got.flatten()[i].item():.6g}, "
-        f"expected {want.flatten()[i].item():.6g})"
-    )
 
 
 def _step_hint(got: torch.Tensor, want: torch.Tensor, before: torch.Tensor, n: int) -> str:
@@ -206,7 +191,7 @@ class _Checked:
             )
         pieces = self.want_grads[i].split(size)  # every group rank's mean-gradient piece
         want = pieces[rank]
-        if _close(got, want):
+        if close(got, want):
             return
         got = got.detach()
         mine = fg.layout.shard(local)
@@ -235,10 +220,10 @@ class _Checked:
             for j, piece in enumerate(pieces) if j != rank
         ]  # fmt: skip
         fallback = "set it to the reduce-scattered sum of fg.grad_flat, divided by N"
-        hint = next((h for value, h in candidates if _close(got, value)), fallback)
+        hint = next((h for value, h in candidates if close(got, value)), fallback)
         raise AssertionError(
             f"{where}: after reduce_scatter_gradients fg.shard.grad differs from the mean "
-            f"gradient of this rank's piece {_worst(got, want)}: {hint}"
+            f"gradient of this rank's piece {worst(got, want)}: {hint}"
         )
 
     # -- moves 2 and 3 --------------------------------------------------------------------
@@ -253,17 +238,17 @@ class _Checked:
         n, rank = zero.world_size, dist.get_rank(zero.group)
         for i, fg in enumerate(zero.flat_groups):  # the step: our own pieces
             got, want = fg.layout.shard(fg.flat), fg.layout.shard(self.want_params[i])
-            if not _close(got, want):
+            if not close(got, want):
                 hint = _step_hint(got, want, fg.layout.shard(before[i]), n)
                 raise AssertionError(
                     f"{self._where(zero, i)}: after step_and_all_gather this rank's piece "
-                    f"of fg.flat differs from the single-device model {_worst(got, want)}: "
+                    f"of fg.flat differs from the single-device model {worst(got, want)}: "
                     f"{hint}"
                 )
         for i, fg in enumerate(zero.flat_groups):  # the all-gather: the other ranks' pieces
             size = fg.layout.shard_numel
             got, want, old = (t.split(size) for t in (fg.flat, self.want_params[i], before[i]))
-            wrong = [j for j in range(n) if j != rank and not _close(got[j], want[j])]
+            wrong = [j for j in range(n) if j != rank and not close(got[j], want[j])]
             if not wrong:
                 continue
             where = f"{self._where(zero, i)}: after step_and_all_gather"
@@ -287,7 +272,7 @@ class _Checked:
             j = wrong[0]
             raise AssertionError(
                 f"{where} the piece of group rank {j} differs from the single-device model "
-                f"{_worst(got[j], want[j])}: all-gather fg.flat in place with "
+                f"{worst(got[j], want[j])}: all-gather fg.flat in place with "
                 "C.ring_all_gather (chunk r of fg.flat is group rank r's piece)"
             )
         self._check_bytes(zero, sent, "step_and_all_gather")

@@ -61,8 +61,10 @@ from course_lib.grading.core import (
     RTOL,
     Case,
     ForbiddenCall,
+    close,
     grade,
     import_learner,
+    worst,
 )
 
 IN, OUT = 12, 5  # in_features divisible by N = 2, 3 and 4; out_features by none
@@ -111,21 +113,6 @@ WORLD_SIZE = (
     "world size on a subgroup: N is the size of group, dist.get_world_size(group), not of "
     "the whole world (dist.get_world_size())"
 )
-
-
-def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
-    """Chapter 6's grader: same shape and equal to fp32 tolerance (:data:`RTOL`, :data:`ATOL`)."""
-    return got.shape == want.shape and torch.allclose(got, want, rtol=RTOL, atol=ATOL)
-
-
-def _worst(got: torch.Tensor, want: torch.Tensor) -> str:
-    """``by up to D (element i: got g, expected e)`` for the largest difference."""
-    diff = (got - want).abs().flatten()
-    i = int(diff.argmax())
-    return (
-        f"by up to {diff[i].item():.3g} (element {i}: got {got.flatten()[i].item():.6g}, "
-        f"expected {want.flatten()[i].item():.6g})"
-    )
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -366,7 +353,7 @@ def _check_weight(m: _Member, ref: _Reference, layer: nn.Module) -> None:
     hint = next((h for value, h in candidates if torch.equal(got, value)), fallback)
     raise AssertionError(
         f"{who}: layer.weight is not the reference's columns [{m.cols.start}, "
-        f"{m.cols.stop}): it differs {_worst(got, want)}: {hint}"
+        f"{m.cols.stop}): it differs {worst(got, want)}: {hint}"
     )
 
 
@@ -397,10 +384,10 @@ def _check_bias(m: _Member, ref: _Reference, layer: nn.Module) -> None:
         )
     if not torch.equal(b.detach(), b_ref.detach()):
         hint = "copy linear.bias (linear.bias.detach().clone())"
-        if _close(b.detach() * m.n, b_ref.detach()):
+        if close(b.detach() * m.n, b_ref.detach()):
             hint = "bias divided by N: keep the whole bias and add it once, after the all-reduce"
         raise AssertionError(
-            f"{who}: layer.bias differs from the reference's {_worst(b.detach(), b_ref)}: {hint}"
+            f"{who}: layer.bias differs from the reference's {worst(b.detach(), b_ref)}: {hint}"
         )
 
 
@@ -453,7 +440,7 @@ def _check_output(m: _Member, ref: _Reference, layer: nn.Module, y: Any, x_shard
             "(B, T, out_features): the full output, x_shard @ weight.T summed over the ranks"
         )
     got = y.detach()
-    if not _close(got, want):
+    if not close(got, want):
         w = layer.weight.detach()
         partial = x_shard.detach() @ w.T  # (B, T, OUT): this rank's share of the sum
         bias = ref.ref.bias
@@ -466,9 +453,9 @@ def _check_output(m: _Member, ref: _Reference, layer: nn.Module, y: Any, x_shard
             "the output is x @ W.T + b: the partial product x_shard @ weight.T, all-reduced "
             "(summed) over group, then the bias once"
         )
-        hint = next((h for value, h in candidates if _close(got, value)), fallback)
+        hint = next((h for value, h in candidates if close(got, value)), fallback)
         raise AssertionError(
-            f"{who}: the output differs from the reference's {_worst(got, want)}: {hint}"
+            f"{who}: the output differs from the reference's {worst(got, want)}: {hint}"
         )
     if not y.requires_grad:
         raise AssertionError(
@@ -482,15 +469,15 @@ def _check_grad(who: str, name: str, got: Any, want: torch.Tensor, n: int, extra
     """One gradient against the reference's: None, N times too large, or by how much."""
     if got is None:
         raise AssertionError(f"{who}: {name} is None after y.backward(grad_out): {extra}")
-    if _close(got, want):
+    if close(got, want):
         return
-    if _close(got, want * n):
+    if close(got, want * n):
         hint = BACKWARD_REDUCE
-    elif _close(got, want / n):
+    elif close(got, want / n):
         hint = "divided by N: g's backward is the identity, return (grad, None) unchanged"
     else:
         hint = "g's backward is the identity: return (grad, None)"
-    raise AssertionError(f"{who}: {name} differs from the reference's {_worst(got, want)}: {hint}")
+    raise AssertionError(f"{who}: {name} differs from the reference's {worst(got, want)}: {hint}")
 
 
 def _check_inputs(who: str, x_shard, x_before, grad_out, grad_out_before) -> None:
@@ -558,13 +545,13 @@ def _check_g(m: _Member, learner: ModuleType, device: torch.device) -> None:
         raise AssertionError(f"{who}: apply(x, group) returned {type(y).__name__} "
                              f"{_shape(y) if isinstance(y, torch.Tensor) else ''}, expected a "
                              f"tensor of x's shape {_shape(want)}")  # fmt: skip
-    if not _close(y.detach(), want):
+    if not close(y.detach(), want):
         got = y.detach()
         candidates = [(inputs[m.r].to(device), NO_REDUCE), (want / m.n, MEAN)]
         fallback = "g's forward is the sum of x over the ranks of group (an all-reduce)"
-        hint = next((h for value, h in candidates if _close(got, value)), fallback)
+        hint = next((h for value, h in candidates if close(got, value)), fallback)
         raise AssertionError(
-            f"{who}: forward differs from the sum over the group {_worst(got, want)}: {hint}"
+            f"{who}: forward differs from the sum over the group {worst(got, want)}: {hint}"
         )
     with _guarded():
         y.backward(grad.clone())

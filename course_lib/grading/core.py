@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from course_lib.launch import DeadlineError, RankError, run_distributed
@@ -64,6 +65,25 @@ COLLECTIVES = (
     "reduce", "all_to_all", "all_to_all_single", "gather", "gather_object", "scatter",
     "scatter_object_list",
 )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------
+# Comparing with the reference
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Same shape and equal to fp32 tolerance (:data:`RTOL`, :data:`ATOL`): every grader's test."""
+    return got.shape == want.shape and torch.allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def worst(got: torch.Tensor, want: torch.Tensor) -> str:
+    """``by up to D (element i: got g, expected e)`` for the largest difference, for a hint."""
+    diff = (got - want).abs().flatten()
+    i = int(diff.argmax())
+    return (
+        f"by up to {diff[i].item():.3g} (element {i}: got {got.flatten()[i].item():.6g}, "
+        f"expected {want.flatten()[i].item():.6g})"
+    )
 
 
 # ----------------------------------------------------------------------------------------

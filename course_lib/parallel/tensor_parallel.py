@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib import collectives as C
+from course_lib.cost.tensor_model import padded_vocab
 
 COLLECTIVES = ("ours", "torch")  # chapter 1's counted ring, or torch.distributed's own
 
@@ -467,11 +468,6 @@ class RowParallelLinear(nn.Module):
         else:
             y = reduce_from_tensor_parallel(partial, self.comm)
         return y if self.bias is None else y + self.bias
-
-
-def padded_vocab(vocab_size: int, n: int) -> int:
-    """Chapter 6: the vocabulary rounded up to a multiple of the tensor-parallel size ``n``."""
-    return -(-vocab_size // n) * n
 
 
 class VocabParallelEmbedding(nn.Module):

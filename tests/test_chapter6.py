@@ -32,10 +32,12 @@ def single() -> dict:
 def test_bytes_per_step_equal_the_formula_exactly_on_every_rank(tp):
     sent = {}
     for rank, out in enumerate(results(tp)):
-        for sp, shape in ((False, W.PLAIN), (True, W.SP)):
+        assert set(out["bytes"]) == {False, True, "recompute"}
+        for sp, shape in ((False, W.PLAIN), (True, W.SP), ("recompute", W.SP)):
             res = out["bytes"][sp]
-            want = tm.model_comm_bytes(W.CONFIG, shape["batch_size"], shape["seq"], tp, sp,
-                                       rank=rank)  # fmt: skip
+            want = tm.model_comm_bytes(W.CONFIG, shape["batch_size"], shape["seq"], tp,
+                                       bool(sp), rank=rank,
+                                       recompute_all_gather=sp == "recompute")  # fmt: skip
             assert res["formula"] == want
             assert res["bytes_sent"] == want["total"], (rank, sp, res, want)
             assert sum(res["by_collective"].values()) == res["bytes_sent"]
@@ -52,16 +54,19 @@ def test_bytes_per_step_equal_the_formula_exactly_on_every_rank(tp):
 def test_activation_and_parameter_bytes_equal_the_formulas(tp):
     for rank, out in enumerate(results(tp)):
         cases = [(W.PLAIN, False, out["memory"]["plain"])]
-        cases += [(W.SP, sp, out["memory"]["sp"][sp]) for sp in (False, True)]
+        cases += [(W.SP, sp, out["memory"]["sp"][sp]) for sp in (False, True, "recompute")]
         for shape, sp, res in cases:
             where = (rank, shape, sp)
             assert res["activation_bytes"] == res["activation_formula"], where
-            want = tm.tp_activation_bytes(W.CONFIG, shape["batch_size"], shape["seq"], tp, sp)
+            want = tm.tp_activation_bytes(W.CONFIG, shape["batch_size"], shape["seq"], tp,
+                                          bool(sp), recompute_all_gather=sp == "recompute")
             assert res["activation_formula"] == want == sum(res["activation_terms"].values())
             assert res["param_bytes"] == res["param_formula"], where
             assert res["param_formula"] == 4 * tm.parameter_count_per_rank(W.CONFIG, tp)
         plain, sp = out["memory"]["sp"][False], out["memory"]["sp"][True]
         assert sp["activation_bytes"] < plain["activation_bytes"]  # SP shards the LN region
+        megatron = out["memory"]["sp"]["recompute"]  # and the column inputs too
+        assert megatron["activation_bytes"] < sp["activation_bytes"]
 
 
 @pytest.mark.timeout(300)
@@ -76,7 +81,8 @@ def test_measure_worker_returns_every_variant_with_sane_values():
             assert (r["comm_s"] is None) == (whose == "torch"), v
             assert r["comm_s"] is None or 0 <= r["comm_s"] <= r["step_s"], v
             if collectives == "ours":
-                want = tm.model_comm_bytes(config, *W.TIMED, tp, sp, rank=rank)["total"]
+                want = tm.model_comm_bytes(config, *W.TIMED, tp, sp, rank=rank,
+                                           recompute_all_gather=v in ch6.RECOMPUTE)["total"]
                 assert r["bytes_per_step"] == want, (rank, v)
             else:
                 assert r["bytes_per_step"] is None, v

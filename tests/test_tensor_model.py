@@ -281,14 +281,18 @@ def test_tp_activation_terms_divide_as_korthikanti_says():
     for tp in (2, 4, 8):
         plain = tm.tp_activation_terms(config, B, T, tp)
         sp = tm.tp_activation_terms(config, B, T, tp, sequence_parallel=True)
+        megatron = tm.tp_activation_terms(config, B, T, tp, True, recompute_all_gather=True)
         for key, value in one.items():
             if "(/N)" in key:  # inside the tensor-parallel regions: always / tp
-                assert plain[key] == sp[key] == value // tp, key
+                assert plain[key] == sp[key] == megatron[key] == value // tp, key
             elif "(/N with SP)" in key:  # the LayerNorm region: / tp only with SP
-                assert plain[key] == value and sp[key] == value // tp, key
+                assert plain[key] == value and sp[key] == megatron[key] == value // tp, key
+            elif "recomputing the gather" in key:  # column inputs: / tp only when regathered
+                assert plain[key] == sp[key] == value and megatron[key] == value // tp, key
             else:  # whole on every rank
-                assert plain[key] == sp[key] == value, key
-        assert plain["blocks: attention and MLP inputs (whole)"] == L * 2 * B * T * d * 4
+                assert plain[key] == sp[key] == megatron[key] == value, key
+        key = "blocks: attention and MLP inputs (whole; /N recomputing the gather)"
+        assert plain[key] == L * 2 * B * T * d * 4
         assert tm.tp_activation_bytes(config, B, T, tp, True) < tm.tp_activation_bytes(
             config, B, T, tp
         )

@@ -51,7 +51,8 @@ def model_case(topology: Topology, case: dict) -> dict:
     """Loss, every gradient and (after ``steps`` AdamW steps) every parameter, vs one device."""
     cfg = config(**case.get("config", {}))
     ref = _reference(cfg)
-    tpm = tensor_parallelize(ref, topology, case["sp"], collectives=case.get("collectives", "ours"))
+    tpm = tensor_parallelize(ref, topology, case["sp"], collectives=case.get("collectives", "ours"),
+                             recompute_all_gather=case.get("rg", False))  # fmt: skip
     sync = TensorParallelSync(tpm)
     ref_opt, tp_opt = _opt(ref.parameters()), _opt(tpm.parameters())
     out: dict = {"steps": [], "held": sum(p.numel() for p in tpm.parameters())}
@@ -161,6 +162,15 @@ def gradchecks(topology: Topology) -> dict:
         h = T.gather_from_sequence_parallel(h.tanh(), comm) @ a  # partial again
         return T.reduce_from_tensor_parallel(h, comm)
 
+    w = torch.randn(2, 3, generator=gen, dtype=torch.float64)  # a column-parallel slice
+    bias = torch.randn(2, generator=gen, dtype=torch.float64)
+
+    def regather(x):  # (1, n, 3): as sequence_pair, Megatron's linear gathering twice
+        h = T.copy_to_tensor_parallel(x, comm) @ a @ b  # partial sums, full size
+        shard = T.reduce_scatter_to_sequence_parallel(h, comm)  # (1, 1, 3)
+        y = T.AllGatherLinear.apply(shard.tanh(), w, bias, comm)  # (1, n, 2): my columns
+        return T.reduce_from_tensor_parallel(y @ a.t(), comm)  # a row-parallel step, then g
+
     def scatter_gather(x):  # (2, n): split the last dim, scale, all-gather it back
         return T.gather_from_tensor_parallel(T.scatter_to_tensor_parallel(x, comm) * scale, comm)
 
@@ -174,10 +184,11 @@ def gradchecks(topology: Topology) -> dict:
     inputs = {
         "f_then_g": torch.randn(2, 3, generator=same, dtype=torch.float64),
         "sequence_pair": torch.randn(1, n, 3, generator=same, dtype=torch.float64),
+        "regather": torch.randn(1, n, 3, generator=same, dtype=torch.float64),
         "scatter_gather": torch.randn(2, n, generator=same, dtype=torch.float64),
         "entropy": torch.randn(3, 2 * n - 1, generator=same, dtype=torch.float64),
     }
-    fns = {"f_then_g": f_then_g, "sequence_pair": sequence_pair,
+    fns = {"f_then_g": f_then_g, "sequence_pair": sequence_pair, "regather": regather,
            "scatter_gather": scatter_gather, "entropy": entropy}  # fmt: skip
     return {
         name: torch.autograd.gradcheck(fn, (inputs[name].requires_grad_(),), raise_exception=False)
@@ -189,18 +200,20 @@ def block_bytes(topology: Topology) -> dict:
     """Bytes one rank sends for one block's forward and backward, per collective."""
     cfg = config()
     out = {}
-    for sp in (False, True):
+    for sp, rg in ((False, False), (True, False), (True, True)):
         counter = C.CommCounter()
         comm = T.TPComm(topology.tp_group, counter)
         torch.manual_seed(0)
         block = TensorParallelBlock(Block(cfg), comm, sp, T.TensorParallelRNG(0, comm.rank))
+        for m in (block.attn.c_attn, block.mlp.c_fc):
+            m.recompute_all_gather = rg
         B, L, d = 4, 8, cfg.n_embd
         x = torch.randn(B, L // comm.size if sp else L, d, requires_grad=True)
         y = block(x)
         forward = dict(counter.bytes_sent_by_op)
         counter.reset()
         y.backward(torch.ones_like(y))
-        out[sp] = {"forward": forward, "backward": dict(counter.bytes_sent_by_op),
+        out[sp, rg] = {"forward": forward, "backward": dict(counter.bytes_sent_by_op),
                    "B": B, "T": L, "d": d}  # fmt: skip
     return out
 

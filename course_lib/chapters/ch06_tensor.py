@@ -42,7 +42,11 @@ VARIANTS: dict[str, tuple[str, bool, str]] = {
     "ours-sp-tc": ("ours", True, "torch"),
     "torch": ("torch", False, "torch"),  # DTensor's parallelize_module (dtensor_tp.py)
     "torch-sp": ("torch", True, "torch"),
+    # SP as Megatron-LM runs it: column-parallel layers keep their input's sequence shard
+    # and all-gather it again in backward (recompute_all_gather)
+    "ours-sp-rg": ("ours", True, "ours"),
 }
+RECOMPUTE = {"ours-sp-rg"}  # the variants with recompute_all_gather
 LR = 3e-4  # AdamW's learning rate: the same for every variant
 MIB = 2**20
 
@@ -78,7 +82,8 @@ def _ours_step(variant: str, config: GPTConfig, topology: Topology, x, y) -> tup
     _, sp, collectives = VARIANTS[variant]
     counter, clock = C.CommCounter(), T.CommClock()
     model = tensor_parallelize(reference(config).to(x.device), topology, sp,
-                               collectives=collectives, counter=counter, clock=clock)  # fmt: skip
+                               collectives=collectives, counter=counter, clock=clock,
+                               recompute_all_gather=variant in RECOMPUTE)  # fmt: skip
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     counted = collectives == "ours"
 
@@ -240,7 +245,8 @@ def bytes_worker(
     *,
     sequence_parallel: tuple[bool, ...] = (False, True),
     topology: Topology | None = None,
-) -> dict[bool, dict[str, Any]]:
+    recompute_all_gather: bool = False,
+) -> dict[bool | str, dict[str, Any]]:
     """Chapter 6: bytes this rank sends in ONE forward + backward, counted, beside the formula.
 
     The cheap twin of :func:`measure_worker`'s ``bytes_per_step`` (no optimizer, no
@@ -248,23 +254,29 @@ def bytes_worker(
     ``sequence_parallel``: ``bytes_sent`` (our counter, the sequence-parallel gradient sum
     included), ``by_collective`` (the counter's split by ring collective) and ``formula``
     (:func:`~course_lib.cost.tensor_model.model_comm_bytes` for this rank, by origin).
+    With ``recompute_all_gather`` one more entry, ``"recompute"``: sequence parallelism as
+    Megatron-LM runs it (the column-parallel inputs gathered again in backward).
     """
     torch.set_num_threads(1)
     topology = topology or Topology(tp=ctx.world_size)
     x, y = (t.to(ctx.device) for t in batch(config, batch_size, seq))
-    out = {}
-    for sp in sequence_parallel:
+    modes = [(sp, sp, False) for sp in sequence_parallel]
+    modes += [("recompute", True, True)] if recompute_all_gather else []
+    out: dict[bool | str, dict[str, Any]] = {}
+    for key, sp, regather in modes:
         check_tensor_parallel(config, topology.tp, seq, sp)
         counter = C.CommCounter()
-        model = tensor_parallelize(reference(config).to(ctx.device), topology, sp, counter=counter)
+        model = tensor_parallelize(reference(config).to(ctx.device), topology, sp,
+                                   counter=counter, recompute_all_gather=regather)  # fmt: skip
         model.loss(model(x), y).backward()
         if sp:
             sync_sequence_parallel_grads(model, model.comm)
-        out[sp] = {
+        out[key] = {
             "bytes_sent": counter.bytes_sent,
             "by_collective": dict(counter.bytes_sent_by_op),
             "formula": tm.model_comm_bytes(config, batch_size, seq, topology.tp, sp,
-                                           rank=topology.tp_rank),
+                                           rank=topology.tp_rank,
+                                           recompute_all_gather=regather),
         }  # fmt: skip
     return out
 
@@ -277,7 +289,8 @@ def memory_worker(
     *,
     sequence_parallel: tuple[bool, ...] = (False, True),
     topology: Topology | None = None,
-) -> dict[bool, dict[str, Any]]:
+    recompute_all_gather: bool = False,
+) -> dict[bool | str, dict[str, Any]]:
     """Chapter 6: activation and parameter bytes on this rank, measured beside the formulas.
 
     For each ``sequence_parallel`` (both by default): ``activation_bytes`` (what autograd saves in
@@ -286,18 +299,23 @@ def memory_worker(
     ``activation_formula`` and its ``activation_terms``
     (:func:`~course_lib.cost.tensor_model.tp_activation_terms`), ``param_bytes`` and
     ``param_formula`` (``parameter_count_per_rank`` x 4, fp32). Every rank of the group
-    must call it (the forward talks).
+    must call it (the forward talks). With ``recompute_all_gather`` one more entry,
+    ``"recompute"``: sequence parallelism as Megatron-LM runs it.
     """
     torch.set_num_threads(1)
     topology = topology or Topology(tp=ctx.world_size)
     tp = topology.tp
     x, y = (t.to(ctx.device) for t in batch(config, batch_size, seq))
-    out = {}
-    for sp in sequence_parallel:
+    modes = [(sp, sp, False) for sp in sequence_parallel]
+    modes += [("recompute", True, True)] if recompute_all_gather else []
+    out: dict[bool | str, dict[str, Any]] = {}
+    for key, sp, regather in modes:
         check_tensor_parallel(config, tp, seq, sp)
-        model = tensor_parallelize(reference(config).to(ctx.device), topology, sp)
-        terms = tm.tp_activation_terms(config, batch_size, seq, tp, sp)
-        out[sp] = {
+        model = tensor_parallelize(reference(config).to(ctx.device), topology, sp,
+                                   recompute_all_gather=regather)  # fmt: skip
+        terms = tm.tp_activation_terms(config, batch_size, seq, tp, sp,
+                                       recompute_all_gather=regather)  # fmt: skip
+        out[key] = {
             "activation_bytes": cost_model.measure_saved_activation_bytes(model, x, y, model.loss),
             "activation_formula": sum(terms.values()),
             "activation_terms": terms,
@@ -363,7 +381,8 @@ def chapter_worker(
         "steps": measure_worker(ctx, config, batch_size, seq, variants, steps, warmup,
                                 threads=threads, topology=topology),
         "memory": memory_worker(ctx, config, batch_size, seq, topology=topology,
-                                sequence_parallel=(False, True) if sp_ok else (False,)),
+                                sequence_parallel=(False, True) if sp_ok else (False,),
+                                recompute_all_gather=sp_ok and topology.tp > 1),
         "collectives": None,
     }  # fmt: skip
     if collective_iters and sp_ok:
@@ -390,9 +409,11 @@ def _variant_row(
     torch_step = max(r[yardstick]["step_s"] for r in ranks) if yardstick in ranks[0] else None
     comm = [r[v]["comm_s"] / r[v]["step_s"] for r in ranks if r[v]["comm_s"] is not None]
     sent = [r[v]["bytes_per_step"] for r in ranks]
-    want = [tm.model_comm_bytes(config, batch_size, seq, tp, sp, rank=k)["total"]
+    regather = v in RECOMPUTE
+    want = [tm.model_comm_bytes(config, batch_size, seq, tp, sp, rank=k,
+                                recompute_all_gather=regather)["total"]
             for k in range(tp)]  # fmt: skip
-    act = memory[0].get(sp) if memory and whose == "ours" else None
+    act = memory[0].get("recompute" if regather else sp) if memory and whose == "ours" else None
     return {
         "tp": tp, "variant": v, "sp": sp, "step_s": step, "torch_step_s": torch_step,
         "vs_torch": _ratio(step, torch_step), "speedup": _ratio(single_s, step),

@@ -369,6 +369,7 @@ def model_comm_bytes(
     bytes_per_element: int = 4,
     *,
     rank: int = 0,
+    recompute_all_gather: bool = False,
 ) -> dict[str, int]:
     """Chapter 6: payload bytes group rank ``rank`` SENDS in one training forward + backward
     of the whole TensorParallelGPT with our ring collectives, by origin.
@@ -385,7 +386,10 @@ def model_comm_bytes(
     - ``cross_entropy`` (forward only): AG of the N x M row maxima and AR of 2M numbers
       (sum of exponentials, target logit), both fp32, with or without SP;
     - ``sequence_parallel_grads`` (SP only): one AR of
-      :func:`sequence_parallel_grad_numel` elements.
+      :func:`sequence_parallel_grad_numel` elements;
+    - with ``recompute_all_gather`` (SP only, Megatron-LM's way): every column-parallel
+      layer (c_attn and c_fc of each block, the LM head) all-gathers its input AGAIN in
+      backward, AG(n) each: 2 per block, 1 for the head.
 
     The backward of the embedding's ``g`` and of the cross-entropy is local. Each collective
     is chapter 1's exact per-rank count (:func:`~course_lib.cost.comm_model.bytes_sent_per_rank`):
@@ -406,6 +410,8 @@ def model_comm_bytes(
     _check_tp_divides(tp, "n_head", config.n_head)
     if sequence_parallel:
         _check_tp_divides(tp, "the sequence length seq (sequence parallelism shards it)", seq)
+    elif recompute_all_gather:
+        raise ValueError("recompute_all_gather needs sequence_parallel=True")
     n, m, s = batch * seq * config.n_embd, batch * seq, bytes_per_element
 
     def ring(algorithm: str, numel: int, element_bytes: int = s) -> int:
@@ -413,11 +419,13 @@ def model_comm_bytes(
 
     all_reduce = ring("ring_all_reduce", n)  # g or f on a (B, T, d) activation
     rs_ag = ring("ring_reduce_scatter", n) + ring("ring_all_gather", n)  # SP's pair
+    again = ring("ring_all_gather", n) if recompute_all_gather else 0  # per column layer
     ce_bytes = max(s, FP32_BYTES)
     out = {
         "embedding": rs_ag if sequence_parallel else all_reduce,
-        "blocks": config.n_layer * 2 * (2 * rs_ag if sequence_parallel else 2 * all_reduce),
-        "lm_head": rs_ag if sequence_parallel else all_reduce,
+        "blocks": config.n_layer
+        * (2 * (2 * rs_ag if sequence_parallel else 2 * all_reduce) + 2 * again),
+        "lm_head": (rs_ag if sequence_parallel else all_reduce) + again,
         "cross_entropy": ring("ring_all_gather", tp * m, ce_bytes)
         + ring("ring_all_reduce", 2 * m, ce_bytes),
         "sequence_parallel_grads": (
@@ -445,6 +453,8 @@ def tp_activation_terms(
     tp: int,
     sequence_parallel: bool = False,
     dtype_bytes: int = 4,
+    *,
+    recompute_all_gather: bool = False,
 ) -> dict[str, int]:
     """Chapter 6: bytes autograd saves on ONE rank of the TensorParallelGPT, by origin.
 
@@ -460,8 +470,9 @@ def tp_activation_terms(
       - the inputs of ``c_attn`` and ``c_fc`` (2 BTd s), the LayerNorms' outputs, are
         NEVER divided: without SP every rank holds the whole (B, T, d); with SP the
         column-parallel layer all-gathers the sequence and ``F.linear`` saves the gathered
-        input. (Megatron-LM saves the T/N shard instead and all-gathers it again in
-        backward; that is the one place our numbers stay above the paper's sbh·34/t.);
+        input. With ``recompute_all_gather`` they keep the T/N shard instead and gather
+        it again in backward, as Megatron-LM does: /N, and with it every term of the
+        paper's sbh·34/t divides by N;
       - inside the tensor-parallel regions, /N always: q, k, v of this rank's heads
         (3 BTd s / N), the attention output (BTd s / N, also the row-parallel ``c_proj``'s
         input), the fp32 logsumexp (4 B (h/N) T), the GELU's input and output
@@ -471,13 +482,14 @@ def tp_activation_terms(
         mask of ids outside its block (bool, BT); the position embedding its positions
         (8 T, /N (SP)). Unlike the reference, the input ids themselves are not saved;
       - ``ln_f``: input and statistics, BTd s + 2 BT s, /N (SP); the LM head's input, BTd s,
-        whole (all-gathered with SP, as ``c_attn``'s);
+        whole (all-gathered with SP, as ``c_attn``'s; /N with ``recompute_all_gather``);
       - the vocabulary-parallel cross-entropy saves this rank's softmax, (BT, V_pad/N) in
         fp32 (or wider), whether each row's target is in this rank's block (bool, BT) and
         its local column (int64, 8 BT). The targets themselves are not saved.
     Residual adds, views, the f/g operators and zero-probability dropout save nothing.
     Exact (to the byte) against
-    :func:`measure_tp_saved_activation_bytes` at tp = 1, 2, 4, with and without SP, for
+    :func:`~course_lib.cost.cost_model.measure_saved_activation_bytes` at tp = 1, 2, 4,
+    with and without SP (and with ``recompute_all_gather``), for
     fp32 on CPU (tests/test_chapter6.py). On CUDA the LayerNorm statistics are fp32 and
     the attention kernel differs, as in ``activation_terms``.
     """
@@ -493,13 +505,16 @@ def tp_activation_terms(
     _check_tp_divides(tp, "n_head", config.n_head)
     if sequence_parallel:
         _check_tp_divides(tp, "the sequence length seq (sequence parallelism shards it)", seq)
+    elif recompute_all_gather:
+        raise ValueError("recompute_all_gather needs sequence_parallel=True")
     B, T, s, N = batch, seq, dtype_bytes, tp
     d, h, L = config.n_embd, config.n_head, config.n_layer
     BT, sp = B * T, N if sequence_parallel else 1  # sp: what the LayerNorm region divides by
+    kept = N if recompute_all_gather else 1  # what the column-parallel inputs divide by
     per_block = {
         "layernorm inputs (/N with SP)": 2 * BT * d * s // sp,
         "layernorm mean/rstd (/N with SP)": 2 * 2 * BT * s // sp,
-        "attention and MLP inputs (whole)": 2 * BT * d * s,
+        "attention and MLP inputs (whole; /N recomputing the gather)": 2 * BT * d * s // kept,
         "q, k, v (/N)": 3 * BT * d * s // N,
         "attention output (/N)": BT * d * s // N,
         "attention logsumexp (/N)": LSE_BYTES * B * (h // N) * T,
@@ -509,7 +524,7 @@ def tp_activation_terms(
     terms["embedding: local ids, mask"] = INDEX_BYTES * BT + BOOL_BYTES * BT
     terms["positions (/N with SP)"] = INDEX_BYTES * T // sp
     terms["final layernorm (/N with SP)"] = (BT * d * s + 2 * BT * s) // sp
-    terms["LM head input (whole)"] = BT * d * s
+    terms["LM head input (whole; /N recomputing the gather)"] = BT * d * s // kept
     vocab_shard = padded_vocab(config.vocab_size, N) // N
     terms["cross-entropy softmax shard (/N)"] = BT * vocab_shard * max(s, FP32_BYTES)
     terms["cross-entropy target mask, local ids"] = BOOL_BYTES * BT + INDEX_BYTES * BT
@@ -523,6 +538,10 @@ def tp_activation_bytes(
     tp: int,
     sequence_parallel: bool = False,
     dtype_bytes: int = 4,
+    *,
+    recompute_all_gather: bool = False,
 ) -> int:
     """Chapter 6: the total of :func:`tp_activation_terms`, bytes saved on one rank."""
-    return sum(tp_activation_terms(config, batch, seq, tp, sequence_parallel, dtype_bytes).values())
+    terms = tp_activation_terms(config, batch, seq, tp, sequence_parallel, dtype_bytes,
+                                recompute_all_gather=recompute_all_gather)  # fmt: skip
+    return sum(terms.values())

@@ -167,11 +167,21 @@ class TensorParallelGPT(nn.Module):
     """
 
     def __init__(
-        self, model: GPT, comm: TPComm, sequence_parallel: bool = False, seed: int = 0
+        self,
+        model: GPT,
+        comm: TPComm,
+        sequence_parallel: bool = False,
+        seed: int = 0,
+        recompute_all_gather: bool = False,
     ) -> None:
         super().__init__()
         config = model.config
         check_tensor_parallel(config, comm.size)
+        if recompute_all_gather and not sequence_parallel:
+            raise ValueError(
+                "recompute_all_gather needs sequence_parallel=True (it keeps the sequence "
+                "shard of each column-parallel layer's input instead of the gathered input)"
+            )
         self.config, self.comm, self.sequence_parallel = config, comm, sequence_parallel
         device = model.wte.weight.device
         self.rng = TensorParallelRNG(seed, comm.rank, device)
@@ -193,6 +203,10 @@ class TensorParallelGPT(nn.Module):
         if sp:
             for module in (self.wpe, self.ln_f):
                 _mark_sequence_parallel(module)
+        self.recompute_all_gather = recompute_all_gather
+        for module in self.modules():  # c_attn, c_fc and the LM head
+            if isinstance(module, ColumnParallelLinear):
+                module.recompute_all_gather = recompute_all_gather
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> residual stream (B, T, C); (B, T/N, C) with sequence parallelism."""
@@ -232,6 +246,7 @@ def tensor_parallelize(
     counter: Any = None,
     clock: Any = None,
     seed: int = 0,
+    recompute_all_gather: bool = False,
 ) -> TensorParallelGPT:
     """Chapter 6: the reference ``model`` sliced for this rank of ``topology``'s tp group.
 
@@ -239,11 +254,15 @@ def tensor_parallelize(
     is not modified. ``collectives`` "ours" (chapter 1's ring, bytes counted in
     ``counter``, a :class:`~course_lib.collectives.CommCounter`) or "torch"; ``clock`` (a
     :class:`~course_lib.parallel.tensor_parallel.CommClock`) adds up their time. ``seed``
-    seeds the per-rank dropout stream (:class:`TensorParallelRNG`).
+    seeds the per-rank dropout stream (:class:`TensorParallelRNG`). With
+    ``sequence_parallel``, ``recompute_all_gather`` makes every column-parallel layer keep
+    its input's sequence shard and gather it again in backward, as Megatron-LM does
+    (:class:`~course_lib.parallel.tensor_parallel.AllGatherLinear`): less activation
+    memory, one more all-gather per layer in backward.
     """
     alone = topology.tp_group is None
     comm = TPComm(topology.tp_group, counter, collectives, alone=alone, clock=clock)
-    return TensorParallelGPT(model, comm, sequence_parallel, seed)
+    return TensorParallelGPT(model, comm, sequence_parallel, seed, recompute_all_gather)
 
 
 def sync_sequence_parallel_grads(model: nn.Module, comm: TPComm) -> None:

@@ -373,6 +373,12 @@ class ColumnParallelLinear(nn.Module):
     parallelism an all-gather along the sequence instead), then the local matmul. With
     ``gather_output`` the pieces of Y are all-gathered (for a layer whose consumer needs
     all of Y); by default Y stays split, ready for a :class:`RowParallelLinear`.
+
+    ``recompute_all_gather`` (with sequence parallelism only) is Megatron-LM's trade
+    (Korthikanti et al., 2022, section 4.2.2): autograd would keep the all-gathered input,
+    the whole (B, T, in), for the weight gradient; instead the layer keeps its T/N shard
+    and all-gathers it again in backward (:class:`AllGatherLinear`). Memory: 1/N of that
+    input. Cost: one more all-gather per layer per backward.
     """
 
     def __init__(
@@ -382,10 +388,17 @@ class ColumnParallelLinear(nn.Module):
         comm: TPComm,
         gather_output: bool = False,
         sequence_parallel: bool = False,
+        recompute_all_gather: bool = False,
     ) -> None:
         super().__init__()
+        if recompute_all_gather and not sequence_parallel:
+            raise ValueError(
+                "recompute_all_gather needs sequence_parallel=True: without sequence "
+                "parallelism the input is whole on every rank and nothing is gathered"
+            )
         self.weight, self.bias, self.comm = weight, bias, comm
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
+        self.recompute_all_gather = recompute_all_gather
 
     @classmethod
     def from_linear(
@@ -396,6 +409,7 @@ class ColumnParallelLinear(nn.Module):
         *,
         rows: torch.Tensor | None = None,
         sequence_parallel: bool = False,
+        recompute_all_gather: bool = False,
     ) -> ColumnParallelLinear:
         """This rank's slice of ``linear``, so both compute the same from the start.
 
@@ -408,15 +422,45 @@ class ColumnParallelLinear(nn.Module):
             rows = _blocks_of(linear.out_features, comm)
         weight = _shard_parameter(linear.weight, 0, rows)
         bias = None if linear.bias is None else _shard_parameter(linear.bias, 0, rows)
-        return cls(weight, bias, comm, gather_output, sequence_parallel)
+        return cls(weight, bias, comm, gather_output, sequence_parallel, recompute_all_gather)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = gather_from_sequence_parallel(x, self.comm)  # (B, T/N, in) -> (B, T, in)
+        if self.recompute_all_gather:  # (B, T/N, in) -> (B, T, out/N), keeping the shard
+            y = AllGatherLinear.apply(x, self.weight, self.bias, self.comm)
         else:
-            x = copy_to_tensor_parallel(x, self.comm)
-        y = F.linear(x, self.weight, self.bias)  # (B, T, out/N)
+            if self.sequence_parallel:
+                x = gather_from_sequence_parallel(x, self.comm)  # (B, T/N, in) -> (B, T, in)
+            else:
+                x = copy_to_tensor_parallel(x, self.comm)
+            y = F.linear(x, self.weight, self.bias)  # (B, T, out/N)
         return gather_from_tensor_parallel(y, self.comm) if self.gather_output else y
+
+
+class AllGatherLinear(torch.autograd.Function):
+    """Chapter 6: all-gather the sequence, then the local matmul; backward gathers AGAIN.
+
+    Megatron-LM's sequence-parallel linear: it saves this rank's (B, T/N, in) shard, not
+    the all-gathered (B, T, in) input; backward all-gathers the shard again for the weight
+    gradient, and reduce-scatters the input gradient (the conjugate of the forward's
+    all-gather, as in :class:`GatherFromSequenceParallel`).
+    """
+
+    @staticmethod
+    def forward(ctx, shard: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                comm: TPComm) -> torch.Tensor:  # fmt: skip
+        ctx.save_for_backward(shard, weight)
+        ctx.comm, ctx.has_bias = comm, bias is not None
+        return F.linear(all_gather(shard, comm, 1), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shard, weight = ctx.saved_tensors
+        x = all_gather(shard, ctx.comm, 1)  # the second all-gather: memory bought with bytes
+        grad_x = reduce_scatter(grad @ weight, ctx.comm, 1)  # (B, T/N, in)
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_w = g2.t() @ x2  # (out/N, in)
+        grad_b = g2.sum(0) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None
 
 
 class RowParallelLinear(nn.Module):

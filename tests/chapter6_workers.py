@@ -39,6 +39,7 @@ def everything(ctx, timing: bool) -> dict:
                                     recompute_all_gather=True),
         },
     }
+    out["gradients"] = ch6.gradients_worker(ctx, CONFIG, **SP)
     if timing:  # every variant once, on a config DTensor can split (tp | vocabulary)
         config = timed_config()
         variants = list(ch6.VARIANTS)

@@ -123,3 +123,13 @@ def test_bad_variants_are_refused_before_any_message():
         ch6.check_variants("ours", W.CONFIG, 8, 2)
     with pytest.raises(ValueError, match="need steps >= 1"):
         ch6.single_device_step(W.CONFIG, 2, 8, steps=0)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_gradients_worker_finds_every_gradient_equal_to_one_device(tp):
+    names = {n for n, _ in ch6.reference(W.CONFIG).named_parameters()}
+    for rank, out in enumerate(results(tp)):
+        assert set(out["gradients"]) == set(ch6.SP_MODES)
+        for mode, errors in out["gradients"].items():
+            assert set(errors) == names | {"loss"}, (rank, mode)
+            assert max(errors.values()) < 1e-6, (rank, mode, errors)

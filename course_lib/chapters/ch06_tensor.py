@@ -237,6 +237,49 @@ def single_device_step(
     }
 
 
+SP_MODES = {"plain": (False, False), "sp": (True, False), "sp-rg": (True, True)}
+
+
+def gradients_worker(
+    ctx: DistContext,
+    config: GPTConfig,
+    batch_size: int,
+    seq: int,
+    modes: tuple[str, ...] = tuple(SP_MODES),
+) -> dict[str, dict[str, float]]:
+    """Chapter 6: one forward + backward, ours against one device, gradient by gradient.
+
+    For each mode of :data:`SP_MODES` (plain tensor parallelism, sequence parallelism, and
+    sequence parallelism re-gathering the column-parallel inputs), the largest absolute
+    difference between every parameter's gradient on this rank and the matching slice of
+    the single-device GPT's gradient (computed on every rank, from the same weights and
+    batch), by parameter name; and ``"loss"``. Every rank of the group must call it.
+    """
+    torch.set_num_threads(1)
+    topology = Topology(tp=ctx.world_size)
+    x, y = (t.to(ctx.device) for t in batch(config, batch_size, seq))
+    one = reference(config).to(ctx.device)
+    ref_loss = loss_fn(one(x), y)
+    ref_loss.backward()
+    ref = dict(one.named_parameters())
+    out: dict[str, dict[str, float]] = {}
+    for mode in modes:
+        sp, regather = SP_MODES[mode]
+        model = tensor_parallelize(reference(config).to(ctx.device), topology, sp,
+                                   recompute_all_gather=regather)  # fmt: skip
+        loss = model.loss(model(x), y)
+        loss.backward()
+        if sp:
+            sync_sequence_parallel_grads(model, model.comm)
+        errors = {"loss": abs(loss.item() - ref_loss.item())}
+        for name, p in model.named_parameters():
+            want = ref[name].grad
+            want = p.tp_shard.take(want) if hasattr(p, "tp_shard") else want
+            errors[name] = float((p.grad - want).abs().max())
+        out[mode] = errors
+    return out
+
+
 def bytes_worker(
     ctx: DistContext,
     config: GPTConfig,

@@ -309,11 +309,21 @@ def _library_calls() -> list[tuple[Any, str]]:
     ]
 
 
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
 def _translated(err: Exception) -> AssertionError | None:
     """A hint for an exception of the learner's code whose cause is known, else None."""
     text = str(err)
     if "not part of group" in text or "not part of the group" in text:
         return AssertionError(f"{GLOBAL_RANKS_HINT} (torch said: {text})")
+    if "Pair is not connected" in text:  # gloo: a message from a rank to itself
+        return AssertionError(
+            "a rank sent a message to itself (gloo has no connection from a rank to itself): "
+            "the neighbours are right = (rank + 1) % n and left = (rank - 1) % n, in group "
+            f"ranks. {GLOBAL_RANKS_HINT} (gloo said: {_first_line(text)})"
+        )
     if isinstance(err, IndexError) and "index" in text:
         return AssertionError(
             f"a chunk index is out of range ({text}): cut the flat tensor with "

@@ -43,7 +43,6 @@ from course_lib.parallel.tensor_parallel import (
     TPComm,
     VocabParallelEmbedding,
     all_reduce,
-    padded_vocab,
     vocab_parallel_cross_entropy,
 )
 from course_lib.topology import Topology
@@ -330,15 +329,3 @@ def load_full_state_dict(model: TensorParallelGPT, state: dict[str, torch.Tensor
             raise KeyError(f"the state dict has no {name!r}; it must be the plain GPT's")
         whole = state[name].to(p.device, p.dtype)
         p.copy_(p.tp_shard.take(whole) if hasattr(p, "tp_shard") else whole)
-
-
-def tp_sizes(model: TensorParallelGPT) -> dict[str, int]:
-    """Chapter 6: parameter elements this rank holds, sharded and replicated (each counted once)."""
-    sharded = sum(p.numel() for p in model.parameters() if hasattr(p, "tp_shard"))
-    replicated = sum(p.numel() for p in model.parameters() if not hasattr(p, "tp_shard"))
-    return {
-        "sharded": sharded,
-        "replicated": replicated,
-        "total": sharded + replicated,
-        "vocab_padded": padded_vocab(model.config.vocab_size, model.comm.size),
-    }

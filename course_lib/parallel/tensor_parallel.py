@@ -5,14 +5,13 @@ group (Shoeybi et al., 2019, "Megatron-LM"). Each rank holds a slice of every la
 ranks talk inside every layer. The whole scheme rests on four conjugate operators, each a
 ``torch.autograd.Function`` whose backward is the forward's mirror image:
 
-============================  =====================  =====================  ============
-operator                      forward                backward               Megatron
-============================  =====================  =====================  ============
-:class:`CopyToTensorParallel`        identity        all-reduce             ``f``
-:class:`ReduceFromTensorParallel`    all-reduce      identity               ``g``
-:class:`GatherFromSequenceParallel`  all-gather (T)  reduce-scatter (T)     SP's ``g``-bar
-:class:`ReduceScatterToSequenceParallel` reduce-scatter (T) all-gather (T)  SP's ``g``
-============================  =====================  =====================  ============
+    operator                         forward           backward          name
+    CopyToTensorParallel             identity          all-reduce        Megatron's f
+    ReduceFromTensorParallel         all-reduce        identity          Megatron's g
+    GatherFromSequenceParallel       all-gather (T)    reduce-scatter    SP's f: the paper's g
+    ReduceScatterToSequenceParallel  reduce-scatter    all-gather (T)    SP's g: the paper's g-bar
+
+((T): along the sequence, for sequence parallelism, SP.)
 
 and two that cut or join the last dimension (:class:`ScatterToTensorParallel`,
 :class:`GatherFromTensorParallel`) for layers whose neighbours are not parallel.

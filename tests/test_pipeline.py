@@ -3,6 +3,7 @@
 import pipeline_workers as W
 import pytest
 import torch
+from cli_runs import cli_losses
 
 from course_lib.launch import run_distributed
 from course_lib.model import GPTConfig, loss_fn
@@ -119,25 +120,13 @@ def test_same_losses_and_gradients_as_torch_pipelining(schedule, p, m, v):
 
 @pytest.mark.timeout(300)
 def test_cli_pp_reproduces_single_device_losses(tmp_path):
-    import json
-    import subprocess
-    import sys
-
     common = ["train", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "16",
               "--batch-size", "4", "--steps", "3", "--warmup-steps", "1", "--eval-interval",
               "3", "--eval-batches", "1", "--no-progress", "--sample-tokens", "0",
               "--device", "cpu"]  # fmt: skip
     runs = {"single": [], "pp": ["--strategy", "pp", "--schedule", "zb", "--world-size", "2",
                                  "--microbatches", "2"]}  # fmt: skip
-    losses = {}
-    for name, extra in runs.items():
-        out = tmp_path / name
-        cmd = [sys.executable, "-m", "course_lib", *common, *extra, "--out", str(out)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-        assert done.returncode == 0, done.stderr[-2000:]
-        metrics = json.loads((out / "metrics.json").read_text())
-        rows = metrics["metrics"] if isinstance(metrics, dict) else metrics
-        losses[name] = [row["loss"] for row in rows]
+    losses = cli_losses(tmp_path, common, runs)
     torch.testing.assert_close(losses["pp"], losses["single"], rtol=1e-5, atol=1e-5)
 
 

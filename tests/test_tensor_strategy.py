@@ -1,11 +1,11 @@
 """Chapter 6: ``--strategy tp`` in the training loop: the same run as one device, and resumable."""
 
-import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from cli_runs import cli_losses
 
 from course_lib.data import load_text, make_dataset
 from course_lib.launch import run_distributed
@@ -41,15 +41,7 @@ def test_cli_tp_reproduces_single_device_losses(tmp_path):
               "3", "--eval-batches", "1", "--no-progress", "--sample-tokens", "0",
               "--device", "cpu"]  # fmt: skip
     runs = {"single": [], "tp": ["--strategy", "tp", "--world-size", "2"]}
-    losses = {}
-    for name, extra in runs.items():
-        out = tmp_path / name
-        cmd = [sys.executable, "-m", "course_lib", *common, *extra, "--out", str(out)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-        assert done.returncode == 0, done.stderr[-2000:]
-        metrics = json.loads((out / "metrics.json").read_text())
-        rows = metrics["metrics"] if isinstance(metrics, dict) else metrics
-        losses[name] = [row["loss"] for row in rows]
+    losses = cli_losses(tmp_path, common, runs)
     assert len(losses["tp"]) == 3
     torch.testing.assert_close(losses["tp"], losses["single"], rtol=1e-5, atol=1e-5)
 

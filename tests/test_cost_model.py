@@ -17,6 +17,7 @@ from course_lib.cost.cost_model import (
     chinchilla_tokens,
     flops_per_token_6n,
     format_days,
+    growth_exponents,
     korthikanti_activation_bytes,
     max_params_that_fit,
     measure_model_state_bytes,
@@ -269,3 +270,21 @@ def test_format_days_picks_a_readable_unit() -> None:
     assert format_days(2457.6) == "6.7 years"
     with pytest.raises(ValueError):
         format_days(-1)
+
+
+def test_growth_exponents_read_the_power_law_between_neighbours() -> None:
+    assert growth_exponents([1, 2, 4], [3, 6, 24]) == pytest.approx([1.0, 2.0])
+    config = GPTConfig(block_size=512)  # the math kernel's extra bytes: B h T^2 s - 4 B h T
+    ts = [64, 128, 256, 512]
+    extra = [
+        activation_bytes(config, 4, t, attention="math") - activation_bytes(config, 4, t)
+        for t in ts
+    ]
+    assert all(1.99 < k < 2.03 for k in growth_exponents(ts, extra))
+    assert growth_exponents(ts, [activation_bytes(config, 4, t) for t in ts]) == pytest.approx(
+        [1.0] * 3
+    )
+    with pytest.raises(ValueError, match="two or more"):
+        growth_exponents([1], [1])
+    with pytest.raises(ValueError, match="positive"):
+        growth_exponents([1, 2], [0, 1])

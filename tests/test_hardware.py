@@ -1,5 +1,7 @@
 """Peak FLOP/s table and MFU (chapter 0)."""
 
+import re
+
 import pytest
 import torch
 
@@ -99,5 +101,26 @@ def test_named_constants_are_read_from_the_one_table():
     assert cost_model.H100_PEAK_BF16_FLOPS == peak_flops("NVIDIA H100 80GB HBM3", "bf16")
     assert cost_model.A100_PEAK_BF16_FLOPS == peak_flops("NVIDIA A100-SXM4-80GB", "bf16")
     assert cost_model.GPU_MEMORY is hardware.GPU_MEMORY
-    assert cost_model.H100_BYTES == hardware.GPU_MEMORY["H100 (80 GB)"] == 80 * 2**30
+    assert cost_model.H100_BYTES == hardware.GPU_MEMORY["H100 (80 GiB)"] == 80 * 2**30
     assert cost_model.GIB == hardware.GIB == 2**30
+
+
+def test_device_capacities_are_in_the_binary_unit_their_label_shows():
+    # The course's one convention (hardware.py): memory in GiB = 2**30 bytes, never "GB".
+    assert hardware.MIB == 2**20 and hardware.GB == 10**9
+    for label, nbytes in hardware.GPU_MEMORY.items():
+        shown = re.search(r"(\d+) GiB", label)
+        assert shown, f"{label!r} does not state its capacity in GiB"
+        assert nbytes == int(shown[1]) * hardware.GIB, label
+        assert not re.search(r"\bGB\b", label), label
+
+
+def test_nominal_gib_is_within_half_a_percent_of_what_nvidia_smi_shows():
+    # Read as GiB, the vendors' "80 GB" / "141 GB" are what nvidia-smi reports, less a
+    # reserve under 0.5%; read as decimal GB, the H200 would be 7% short of its real size.
+    for label, mib in hardware.NVIDIA_SMI_TOTAL_MIB.items():
+        visible = mib * hardware.MIB
+        nominal = hardware.GPU_MEMORY[label]
+        assert 0.995 < visible / nominal < 1.0, label
+    h200_smi = hardware.NVIDIA_SMI_TOTAL_MIB["H200 (141 GiB)"] * hardware.MIB
+    assert 141 * hardware.GB / h200_smi < 0.94

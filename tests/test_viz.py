@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 
@@ -81,4 +83,34 @@ def test_chapter3_bytes_sent_colours_each_stage_by_its_strategy():
     for stage in chapter3.STAGES:
         assert lines[f"{stage} (measured)"] == to_hex(PALETTE[stage])
     assert lines["2(N-1)/N"] == to_hex(PALETTE["predicted"])
+    plt.close("all")
+
+
+def test_chapter0_figures_label_memory_in_binary_units():
+    breakdown = training_memory(1_000_000_000, activations=2**30)
+    fig = plots_memory.plot_memory_breakdown({"1B": breakdown}, GPU_MEMORY)
+    ax = fig.axes[0]
+    texts = [ax.get_ylabel(), *(t.get_text() for t in ax.texts)]
+    texts += [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "GiB" in ax.get_ylabel()
+    assert not any(re.search(r"\bGB\b", t) for t in texts), texts
+    plt.close("all")
+
+
+def test_activation_figure_draws_slope_one_and_two_guides_and_the_difference_panel():
+    ts = [16, 32, 64, 128]
+    flash = [100 * t for t in ts]
+    math_ = [100 * t + 3 * t * t for t in ts]
+    data = {"flash": flash, "math": math_}
+    fig = plots_memory.plot_activation_check(ts, data, data, difference=("math", "flash"))
+    assert len(fig.axes) == 2 and all("MiB" in ax.get_ylabel() for ax in fig.axes)
+    for ax in fig.axes:
+        guides = [line for line in ax.lines if line.get_color() == PALETTE["guide"]]
+        slopes = sorted(
+            round(float(np.log(y[1] / y[0]) / np.log(x[1] / x[0])), 6)
+            for x, y in (line.get_data() for line in guides)
+        )
+        assert slopes == [1.0, 2.0]
+    right = fig.axes[1].lines[0].get_ydata() * 2**20  # the formula's math - flash, bytes
+    assert np.allclose(right, [3 * t * t for t in ts])
     plt.close("all")

@@ -13,6 +13,12 @@ Every formula here has a ``measure_*`` twin, so a chapter can print the predicti
 to the measurement. The numbered sections below stand alone; the cost of communication
 (chapter 1's alpha-beta model) can follow as a section of its own.
 
+Units: every count here is in bytes; printed and plotted memory is in binary units,
+MiB = 2**20 and GiB = 2**30 bytes (``MIB``, ``GIB``), as PyTorch and nvidia-smi report
+memory. Device capacities (``GPU_MEMORY``) follow the same rule: a vendor's "80 GB" of HBM
+is 80 GiB; see cost/hardware.py for the reasons and the nvidia-smi figures. Decimal
+``GB`` = 10**9 bytes is for rates (GB/s) only.
+
 References
     [ZeRO]  Rajbhandari, Rasley, Ruwase, He. "ZeRO: Memory Optimizations Toward Training
             Trillion Parameter Models". SC 2020 (arXiv:1910.02054).
@@ -31,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +63,8 @@ from course_lib.cost.hardware import (  # noqa: F401
     H100_BYTES,
     H100_PEAK_BF16_FLOPS,
     H200_BYTES,
+    MIB,
+    NVIDIA_SMI_TOTAL_MIB,
 )
 from course_lib.memory import held_bytes, state_bytes
 from course_lib.model import GPTConfig, loss_fn
@@ -333,6 +341,21 @@ def korthikanti_activation_bytes(
     sbh = seq_len * batch_size * hidden
     scores = 0 if selective_recompute else 5 * n_heads * seq_len * seq_len * batch_size
     return n_layer * (34 * sbh + scores)
+
+
+def growth_exponents(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
+    """The exponent k of ``y ~ x**k`` between each pair of neighbouring points (chapter 0).
+
+    ``log(y[i+1] / y[i]) / log(x[i+1] / x[i])``: the slope of the curve on log-log axes.
+    Chapter 0 reads it off the activation sweep: about 1 for the flash kernel, tending
+    to 2 for the math kernel's T x T term.
+    """
+    if len(xs) != len(ys) or len(xs) < 2:
+        raise ValueError(f"need two or more (x, y) points of equal count, got {len(xs)}, {len(ys)}")
+    if any(not v > 0 for v in (*xs, *ys)):
+        raise ValueError("growth exponents need positive x and y (they are logarithms)")
+    pairs = zip(zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=False)
+    return [math.log(y1 / y0) / math.log(x1 / x0) for (x0, y0), (x1, y1) in pairs]
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,6 +20,11 @@ The H100 SXM row (and its same-die, same-clock siblings H200 SXM, H800 SXM, GH20
 the Hopper whitepaper's unrounded figure, 989.4 TFLOP/s bf16 dense = 132 SMs x 4 tensor
 cores x 1024 FLOP/clock x 1.83 GHz; the datasheet's "1,979 teraFLOPS" with sparsity is
 twice that, rounded (halving it would give 989.5, a rounding artefact).
+
+Units: memory (device capacities, tensor bytes) is in binary units, MiB = 2**20 and
+GiB = 2**30 bytes, as PyTorch and nvidia-smi count it; a vendor's nominal "80 GB" of HBM
+is taken as 80 GiB (the reasons and the nvidia-smi figures are in the Memory section).
+Rates are decimal: ``GB`` = 10**9 bytes, used only for GB/s.
 """
 
 from __future__ import annotations
@@ -146,17 +151,42 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
 # ---------------------------------------------------------------------------------------
 # Memory: the device sizes chapters 0 and 3 compare the training state with
 # ---------------------------------------------------------------------------------------
+#
+# The course's units. Bytes held in memory (tensor bytes, training state, device
+# capacities) are counted in BINARY units, as PyTorch (``total_memory``,
+# ``memory_allocated``) and nvidia-smi (MiB) count them: 1 MiB = 2**20 bytes,
+# 1 GiB = 2**30 bytes, and figures label them "MiB"/"GiB". Rates (link bandwidth) are
+# DECIMAL, GB/s = 10**9 bytes/s, as vendors and nccl-tests quote them: ``GB`` is for rates
+# only, never for a capacity.
+#
+# A vendor's "80 GB" of HBM is binary in practice: memory chips come in powers of two, and
+# an A100 80GB reports exactly 81,920 MiB = 80 GiB. We therefore take each nominal
+# capacity as GiB. Where some memory is reserved, nvidia-smi shows a little less: public
+# nvidia-smi outputs show 81,559 MiB (79.6 GiB) on an H100 80GB HBM3 and 143,771 MiB
+# (140.4 GiB) on an H200, both within 0.5% of the nominal GiB. Read as decimal GB, the
+# H200's "141 GB" would be 131.3 GiB, 7% less than the card really has. These nvidia-smi
+# figures are an assumption taken from public reports, not measured by this course.
 
-GIB = 2**30  # bytes in a gibibyte; all "GiB" in the course are 2**30 bytes
-GB = 10**9  # bytes in a gigabyte, as vendors quote HBM capacity
+MIB = 2**20  # bytes in a mebibyte
+GIB = 2**30  # bytes in a gibibyte; every "GiB" in the course is 2**30 bytes
+GB = 10**9  # bytes in a decimal gigabyte: for rates (GB/s) only, as vendors quote links
 
-CONSUMER_GPU_BYTES = 24 * GIB  # RTX 3090 / 4090 class
-H100_BYTES = 80 * GIB  # H100 SXM "80 GB" (nvidia-smi: 81,559 MiB, i.e. 79.6 GiB)
-H200_BYTES = 141 * GB  # H200 "141 GB" (nvidia-smi: 143,771 MiB, about 140 GiB)
+CONSUMER_GPU_BYTES = 24 * GIB  # RTX 3090 / 4090 class: 24 GiB of GDDR6X
+H100_BYTES = 80 * GIB  # H100 SXM "80 GB" HBM3: 80 GiB (nvidia-smi: 81,559 MiB = 79.6 GiB)
+H200_BYTES = 141 * GIB  # H200 "141 GB" HBM3e: 141 GiB (nvidia-smi: 143,771 MiB = 140.4 GiB)
+
+
+# Figure labels carry the capacity in the course's unit; tests check label == bytes / GIB.
 GPU_MEMORY: dict[str, int] = {
     "24 GiB consumer GPU": CONSUMER_GPU_BYTES,
-    "H100 (80 GB)": H100_BYTES,
-    "H200 (141 GB)": H200_BYTES,
+    "H100 (80 GiB)": H100_BYTES,
+    "H200 (141 GiB)": H200_BYTES,
+}
+
+# What nvidia-smi's memory.total reports (MiB), from public nvidia-smi outputs (assumed).
+NVIDIA_SMI_TOTAL_MIB: dict[str, int] = {
+    "H100 (80 GiB)": 81_559,
+    "H200 (141 GiB)": 143_771,
 }
 
 # The two peaks chapter 0 quotes by name, read from the table above (FLOP/s).

@@ -3,7 +3,9 @@
 Like :mod:`course_lib.viz.plots`, figures are built on :class:`matplotlib.figure.Figure`
 directly, never through pyplot: no GUI backend, no global state. Every function draws
 into ``ax`` (new axes when None) and returns the Figure, which a notebook displays
-inline. Sizes are plotted in GiB (2**30 bytes) and times in days.
+inline. Memory is plotted in binary units, GiB (2**30 bytes) or MiB (2**20 bytes), as
+the course counts it everywhere (cost/hardware.py states the convention), and every
+axis and label says which; times are in days.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from course_lib.cost.cost_model import GIB, MemoryBreakdown, format_days
+from course_lib.cost.cost_model import GIB, MIB, MemoryBreakdown, format_days
 from course_lib.viz.palette import PALETTE, color
 
 _PARTS = ("params", "grads", "optimizer", "activations")  # stacked bottom to top
@@ -113,47 +115,100 @@ def plot_memory_vs_params(
     return ax.figure
 
 
-def plot_activation_check(
+def _slope_guides(ax: Axes, xs: Sequence[float], y_end: float, exponents: Sequence[int]) -> None:
+    """Lines ``y ∝ x**k``, one per exponent k, over the right half of ``xs``, labelled.
+
+    On log-log axes a power law is a straight line whose slope is its exponent. The
+    guides end a factor 3 below ``y_end`` (the data's last value), so that they run
+    beside the data and the reader compares slopes, not heights.
+    """
+    x = np.array([xs[len(xs) // 2 - 1] if len(xs) > 2 else xs[0], xs[-1]], dtype=float)
+    for k, style in zip(exponents, (":", "--", "-."), strict=False):
+        y = y_end / 3 * (x / x[-1]) ** k
+        ax.plot(x, y, style, color=PALETTE["guide"], linewidth=1.2)
+        power = "T" if k == 1 else f"T^{k}"
+        ax.annotate(
+            f"slope {k}: $\\propto {power}$",
+            (x[0], y[0]),
+            textcoords="offset points",
+            xytext=(-4, 0),
+            ha="right",
+            va="center",
+            fontsize=9,
+            color=PALETTE["guide"],
+        )
+
+
+def _formula_and_measured(
+    ax: Axes,
     seq_lens: Sequence[int],
     measured: Mapping[str, Sequence[int]],
     predicted: Mapping[str, Sequence[int]],
-    *,
-    title: str = "Saved activations: formula (lines) vs autograd (markers)",
-    ax: Axes | None = None,
-) -> Figure:
-    """Activation bytes against sequence length, formula as lines, measured as markers.
-
-    Chapter 0; ``measured`` and ``predicted`` map a label (e.g. an attention backend)
-    to one value per entry of ``seq_lens``.
-    """
-    ax = _axes(ax, (7, 4.5))
+) -> None:
     for i, label in enumerate(predicted):
         series = color(i)  # formula and measurement of one label share its colour
         ax.plot(
-            seq_lens,
-            np.array(predicted[label]) / 2**20,
-            "-",
-            color=series,
-            label=f"{label}: formula",
+            seq_lens, np.array(predicted[label]) / MIB, "-", color=series, label=f"{label}: formula"
         )
         if label in measured:
             ax.plot(
                 seq_lens,
-                np.array(measured[label]) / 2**20,
+                np.array(measured[label]) / MIB,
                 "o",
                 color=series,
                 markerfacecolor="none",
                 markersize=9,
                 label=f"{label}: measured",
             )
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length T (tokens)")
-    ax.set_ylabel("bytes saved for backward (MiB)")
-    ax.set_title(title)
-    ax.legend(fontsize=9)
-    ax.grid(which="both", alpha=0.3)
-    return ax.figure
+
+
+def plot_activation_check(
+    seq_lens: Sequence[int],
+    measured: Mapping[str, Sequence[int]],
+    predicted: Mapping[str, Sequence[int]],
+    *,
+    title: str = "Saved activations: formula (lines) vs autograd (markers)",
+    guides: Sequence[int] = (1, 2),
+    difference: tuple[str, str] | None = None,
+    ax: Axes | None = None,
+) -> Figure:
+    """Activation bytes (MiB) against sequence length on log-log axes (chapter 0).
+
+    The formula is drawn as lines and the measurement as markers; ``measured`` and
+    ``predicted`` map a label (e.g. an attention backend) to one value per entry of
+    ``seq_lens``. ``guides`` draws grey lines of those slopes (1: linear, 2: quadratic)
+    so that the reader can read each curve's exponent. ``difference=(a, b)`` adds a right
+    panel with ``a - b``, measured and predicted: what kernel ``a`` saves on top of ``b``
+    (for "math" minus "flash", the T x T attention probabilities alone).
+    """
+    if difference is not None and ax is not None:
+        raise ValueError("difference draws a second panel in a new figure; pass ax=None")
+    if difference is None:
+        axes = [_axes(ax, (7, 4.5))]
+    else:
+        axes = list(Figure(figsize=(12, 4.5), layout="constrained").subplots(1, 2))
+    left = axes[0]
+    _formula_and_measured(left, seq_lens, measured, predicted)
+    first = next(iter(predicted.values()))
+    _slope_guides(left, seq_lens, first[-1] / MIB, guides)
+    left.set_ylabel("bytes saved for backward (MiB)")
+    left.set_title(title)
+    if difference is not None:
+        a, b = difference
+        extra_m = {f"{a} − {b}": np.subtract(measured[a], measured[b])}
+        extra_p = {f"{a} − {b}": np.subtract(predicted[a], predicted[b])}
+        right = axes[1]
+        _formula_and_measured(right, seq_lens, extra_m, extra_p)
+        _slope_guides(right, seq_lens, extra_p[f"{a} − {b}"][-1] / MIB, guides)
+        right.set_ylabel("extra bytes saved (MiB)")
+        right.set_title(f"What {a} adds over {b}")
+    for axis in axes:
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("sequence length T (tokens)")
+        axis.legend(fontsize=9, loc="upper left")
+        axis.grid(which="both", alpha=0.3)
+    return left.figure
 
 
 def plot_training_days(

@@ -373,6 +373,29 @@ def test_fit_alpha_beta_recovers_the_parameters():
     assert alpha >= 0 and beta >= 0
     with pytest.raises(ValueError, match=">= 2 distinct sizes"):
         M.fit_alpha_beta([1e3], [1e-3], messages, factor)
+    with pytest.raises(ValueError, match="times must all be > 0"):
+        M.fit_alpha_beta([1e3, 1e6], [1e-3, 0.0], messages, factor)
+
+
+@pytest.mark.timeout(30)
+def test_fit_alpha_beta_weighs_relative_errors_where_least_squares_fails():
+    # Issue 12 item 2: +-5 % noise on every point. An unweighted fit lets the 64 MiB point
+    # (a 5 % wobble of ~70 ms is ~3.4 ms, eight times alpha) decide the intercept: alpha
+    # comes out 7x too small. Fitting relative errors recovers both parameters.
+    messages, factor = M.alpha_beta_terms("ring_all_reduce", 2)
+    alpha, beta = 400e-6, 1e-9
+    sizes = [4096 * 4.0**k for k in range(9)]  # 4 KiB .. 256 MiB
+    times = [
+        M.predict("ring_all_reduce", s, 2, alpha, beta) * (1 + 0.05 * (-1) ** i)
+        for i, s in enumerate(sizes)
+    ]
+    x = np.array(sizes) * factor
+    design = np.stack([np.full_like(x, messages), x], axis=1)
+    (alpha_ls, _), *_ = np.linalg.lstsq(design, np.array(times), rcond=None)
+    assert not 0.5 < alpha_ls / alpha < 2, "the unweighted fit should be far off here"
+    fitted_alpha, fitted_beta = M.fit_alpha_beta(sizes, times, messages, factor)
+    assert fitted_alpha == pytest.approx(alpha, rel=0.02)
+    assert fitted_beta == pytest.approx(beta, rel=0.02)
 
 
 @pytest.mark.timeout(30)

@@ -4,9 +4,19 @@ Each attempt is a ``my_ring.py`` written into a temporary folder, the notebook's
 the grader sees it; most are the reference solution with one small edit.
 """
 
+import numpy as np
 import pytest
+import torch
 
-from course_lib.grading.ch01_collectives import grade_ring
+from course_lib.cost import comm_model as M
+from course_lib.grading.ch01_collectives import (
+    GIVEN_SIZES,
+    GIVEN_TIMES,
+    _check_bytes,
+    grade_deviation,
+    grade_fit,
+    grade_ring,
+)
 from course_lib.grading.core import DEFAULT_CASES, Case
 
 REFERENCE = """\
@@ -175,15 +185,18 @@ WRONG = {
         r"without group.*dist\.get_rank\(group\)",
     ),  # fmt: skip
     # The byte check: right values, but no ring.
+    # At 2 ranks both send what a ring sends; at 3 the per-rank count against comm_model
+    # (issue 12, teaching: the exercise's byte-count check) names the bytes.
     "gather_at_rank_0_then_broadcast": (
         "ring_all_reduce",
         replace_body(AR_HEAD, NAIVE_GATHER_BROADCAST),
-        r"no ring.*2\(N-1\) x numel x itemsize.*ONE chunk",
+        r"group rank 0 sent 192 bytes where comm_model\.bytes_sent_per_rank\('ring_all_reduce'"
+        r".* = 128 bytes.*ONE chunk",
     ),
     "whole_tensor_to_everyone": (
         "ring_all_reduce",
         replace_body(AR_HEAD, SEND_EVERYTHING),
-        r"no ring.*never the whole tensor",
+        r"sent 192 bytes where comm_model.* = 128 bytes.*never the whole tensor",
     ),
     # More typical mistakes.
     "off_by_one_chunk_index": (
@@ -402,3 +415,164 @@ def test_deadlock_is_the_hint_from_the_process_group_timeout(tmp_path, monkeypat
     hang = r"waited more than 10 s .*every isend needs the neighbour's matching irecv"
     with pytest.raises(AssertionError, match=hang):
         grade_ring("my_ring", "ring_all_reduce", cases=cases)
+
+
+# ----------------------------------------------------------------------------------------
+# Part 2 and 3: the relative-error fit and the measured deviation (in-process, no spawn)
+
+
+def fit_relative(sizes, times, messages, bytes_factor):
+    """The solution: least squares on relative residuals, clamped at 0."""
+    x = np.asarray(sizes, dtype=float) * bytes_factor
+    t = np.asarray(times, dtype=float)
+    rows = np.stack([np.full_like(x, messages), x], axis=1) / t[:, None]
+    (alpha, beta), *_ = np.linalg.lstsq(rows, np.ones_like(t), rcond=None)
+    if alpha < 0:
+        b = x / t
+        return 0.0, max(0.0, b.sum() / (b @ b))
+    if beta < 0:
+        m = messages / t
+        return max(0.0, m.sum() / (m @ m)), 0.0
+    return alpha, beta
+
+
+def fit_log_space(sizes, times, messages, bytes_factor):
+    """A valid variant: minimise the squared log error (Gauss-Newton from the weighted fit)."""
+    alpha, beta = fit_relative(sizes, times, messages, bytes_factor)
+    x, t = np.asarray(sizes, dtype=float) * bytes_factor, np.asarray(times, dtype=float)
+    for _ in range(20):
+        model = alpha * messages + beta * x
+        jac = np.stack([np.full_like(x, messages), x], axis=1) / model[:, None]
+        step, *_ = np.linalg.lstsq(jac, np.log(t) - np.log(model), rcond=None)
+        alpha, beta = max(alpha + step[0], 0.0), max(beta + step[1], 0.0)
+    return alpha, beta
+
+
+def fit_unweighted(sizes, times, messages, bytes_factor):
+    x = np.asarray(sizes, dtype=float) * bytes_factor
+    design = np.stack([np.full_like(x, messages), x], axis=1)
+    (alpha, beta), *_ = np.linalg.lstsq(design, np.asarray(times), rcond=None)
+    return max(alpha, 0.0), max(beta, 0.0)
+
+
+def fit_no_clamp(sizes, times, messages, bytes_factor):
+    x = np.asarray(sizes, dtype=float) * bytes_factor
+    t = np.asarray(times, dtype=float)
+    rows = np.stack([np.full_like(x, messages), x], axis=1) / t[:, None]
+    return tuple(np.linalg.lstsq(rows, np.ones_like(t), rcond=None)[0])
+
+
+def fit_by_the_library(sizes, times, messages, bytes_factor):
+    return M.fit_alpha_beta(sizes, times, messages, bytes_factor)
+
+
+def fit_stub(sizes, times, messages, bytes_factor):
+    raise NotImplementedError("Your code here")
+
+
+def deviation_with(fit, algorithm="naive_all_reduce"):
+    def naive_deviation(sizes, ring_times, naive_times, world_size):
+        messages, factor = M.alpha_beta_terms("ring_all_reduce", world_size)
+        alpha, beta = fit(sizes, ring_times, messages, factor)
+        return [
+            t / M.predict(algorithm, s, world_size, alpha, beta)
+            for s, t in zip(sizes, naive_times, strict=True)
+        ]
+
+    return naive_deviation
+
+
+GIVEN_RATIOS = deviation_with(fit_relative)(
+    GIVEN_SIZES, GIVEN_TIMES["ring_all_reduce"], GIVEN_TIMES["naive_all_reduce"], 2
+)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fit", [fit_relative, fit_log_space])
+def test_relative_fits_pass(capsys, fit):
+    for _ in range(5):  # fresh random parameters on every call
+        grade_fit(fit)
+    assert "OK: " in capsys.readouterr().out
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "fit, hint",
+    [
+        (fit_unweighted, r"\+-5 % noise.*unweighted least squares.*RELATIVE error"),
+        (fit_no_clamp, r"fall with size.*never negative.*set it to 0"),
+        (fit_by_the_library, r"comm_model\.fit_alpha_beta is not allowed.*numpy"),
+        (lambda *a: 1e-4, r"return \(alpha, beta\), two numbers"),
+    ],
+)
+def test_wrong_fits_fail_with_hint(fit, hint):
+    with pytest.raises(AssertionError, match=hint):
+        for _ in range(5):
+            grade_fit(fit)
+
+
+@pytest.mark.timeout(30)
+def test_fit_stub_is_not_implemented():
+    with pytest.raises(NotImplementedError):
+        grade_fit(fit_stub)
+
+
+@pytest.mark.timeout(30)
+def test_deviation_by_the_relative_fit_passes(capsys):
+    grade_deviation(deviation_with(fit_relative))
+    grade_deviation(deviation_with(fit_by_the_library))  # the library is fine here
+    out = capsys.readouterr().out
+    assert "OK: naive_all_reduce at N = 2" in out and f"{GIVEN_RATIOS[-1]:5.2f}" in out
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "attempt, hint",
+    [
+        (deviation_with(fit_unweighted), r"without weights"),
+        (deviation_with(fit_relative, "ring_all_reduce"), r"ring's terms.*'naive_all_reduce'"),
+        (lambda *a: GIVEN_RATIOS, r"randomly rescaled timings"),  # copied numbers
+        (lambda s, r, n, w: [1 / x for x in deviation_with(fit_relative)(s, r, n, w)],
+         r"upside down"),
+        (lambda *a: 0.7, r"one ratio per size"),
+    ],
+)  # fmt: skip
+def test_wrong_deviations_fail_with_hint(attempt, hint):
+    with pytest.raises(AssertionError, match=hint):
+        grade_deviation(attempt)
+
+
+# ----------------------------------------------------------------------------------------
+# The byte check alone, on counts a spawn would return (no spawn: the spawned attempts
+# above already bring real counts through it)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "case, sent, shape, gather, hint",
+    [
+        # a ring whose every step passes the whole (4, 3) float64 tensor on: 2 x 96 bytes
+        (Case(3), [192, 192, 192], (4, 3), False, r"group rank 0 sent 192 bytes where "
+         r"comm_model\.bytes_sent_per_rank\('ring_all_reduce', \.\.\.\) = 2\(N-1\)/N x numel "
+         r"x itemsize = 128 bytes.*never the whole tensor"),
+        # one all-gather step too many (the result stays right: the extra chunk is final)
+        (Case(2), [60, 60], (10,), False, r"sent 60 bytes where .* = 40 bytes.*no extra step"),
+        (Case(4), [30, 30, 30, 36], (12,), True, r"group rank 0 sent 30 bytes where comm_model"
+         r"\.bytes_sent_per_rank\('ring_all_gather', \.\.\.\) = \(N-1\)/N .* = 36 bytes"),
+        # uneven chunks: a rank sending more than 2(N-1) of the largest chunk
+        (Case(3), [80, 0, 0], (10,), False, r"no ring.*80 bytes in all"),
+    ],
+)  # fmt: skip
+def test_byte_check_names_the_bytes(case, sent, shape, gather, hint):
+    with pytest.raises(AssertionError, match=hint):
+        _check_bytes(case, sent, shape, torch.float64 if shape == (4, 3) else torch.float32,
+                     gather)  # fmt: skip
+
+
+@pytest.mark.timeout(30)
+def test_byte_check_accepts_any_chunk_order_on_uneven_splits():
+    # 10 float32 over 3 ranks: chunks of 16, 12, 12 bytes. The library's order and the
+    # reference's give different per-rank bytes (160 in all); both are rings.
+    _check_bytes(Case(3), [52, 56, 52], (10,), torch.float32, False)
+    _check_bytes(Case(3), [56, 52, 52], (10,), torch.float32, False)
+    _check_bytes(Case(3), [64, 64, 64], (12,), torch.float32, False)

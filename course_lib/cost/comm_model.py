@@ -134,12 +134,20 @@ def fit_alpha_beta(
     messages: float,
     bytes_factor: float,
 ) -> tuple[float, float]:
-    """Chapter 1: least-squares ``(alpha, beta) >= 0`` from measured times of one algorithm.
+    """Chapter 1: ``(alpha, beta) >= 0`` from measured times of one algorithm, fitted so that
+    every point's *relative* error counts alike.
 
     Fits ``t_i = alpha * messages + beta * bytes_factor * size_i`` (take ``messages`` and
-    ``bytes_factor`` from :func:`alpha_beta_terms`). A negative coefficient of the free fit
-    means the data cannot support it; it is set to 0 and the other refitted alone (the
-    two-variable non-negative least squares). Needs at least two distinct sizes.
+    ``bytes_factor`` from :func:`alpha_beta_terms`) by least squares on the relative
+    residuals ``(t_i - model_i) / t_i``, i.e. weights ``1 / t_i**2``. An unweighted fit
+    lets the largest message decide everything: a 5 % wobble of a 100 ms point is 5 ms,
+    ten times a typical alpha, so the intercept it gives is noise. Here a 4 KiB point
+    weighs as much as a 64 MiB one: the small sizes set alpha, the large ones beta.
+
+    A negative coefficient of the free fit means the data cannot support it; it is set
+    to 0 and the other refitted alone (the two-variable non-negative least squares).
+    Needs at least two distinct sizes and positive times. Chapter 2 fits its DDP
+    all-reduces with it too.
     """
     x = np.asarray(sizes_bytes, dtype=np.float64) * bytes_factor
     t = np.asarray(times_s, dtype=np.float64)
@@ -151,12 +159,15 @@ def fit_alpha_beta(
             f"(a world size > 1); got {len(np.unique(x))} distinct size(s), "
             f"messages={messages}, bytes_factor={bytes_factor}"
         )
-    design = np.stack([np.full_like(x, messages), x], axis=1)  # (points, 2)
-    (alpha, beta), *_ = np.linalg.lstsq(design, t, rcond=None)
+    if not np.all(t > 0):
+        raise ValueError(f"times must all be > 0 seconds (a relative fit divides by them), got {t}")
+    m = messages / t  # alpha's column, each row divided by its own time
+    b = x / t  # beta's column, likewise; the target becomes 1 on every row
+    (alpha, beta), *_ = np.linalg.lstsq(np.stack([m, b], axis=1), np.ones_like(t), rcond=None)
     if alpha < 0:  # latency not resolvable: pure bandwidth fit through the origin
-        alpha, beta = 0.0, max(0.0, float(x @ t / (x @ x)))
+        alpha, beta = 0.0, max(0.0, float(b.sum() / (b @ b)))
     elif beta < 0:  # bandwidth not resolvable: pure latency fit
-        alpha, beta = max(0.0, float(t.mean() / messages)), 0.0
+        alpha, beta = max(0.0, float(m.sum() / (m @ m))), 0.0
     return float(alpha), float(beta)
 
 

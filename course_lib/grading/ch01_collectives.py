@@ -18,11 +18,18 @@ of 4 ranks (group ranks differ from global ranks there), and checks, on every ra
   start as the sentinel ``GARBAGE``, so a chunk that is added to instead of overwritten,
   never received, or cut at the wrong place shows;
 - the bytes: every message a rank sends through ``isend`` (``send`` and
-  ``batch_isend_irecv`` go through it) is counted. A ring all-reduce sends exactly
-  ``2(N-1) * numel * itemsize`` bytes over all ranks (``(N-1) * ...`` for an all-gather),
-  whatever its chunk order, and no rank sends more than ``2(N-1)`` (``N-1``) of the largest
-  chunk; a result that is right but sent otherwise (everything to everyone, a gather at
-  one rank then a broadcast) is no ring;
+  ``batch_isend_irecv`` go through it) is counted. Where N divides the element count,
+  every rank must send exactly ``comm_model.bytes_sent_per_rank`` (``2(N-1)/N * numel *
+  itemsize`` for the all-reduce, ``(N-1)/N * ...`` for the all-gather): the prediction
+  the chapter checks its own ring against. With uneven chunks the per-rank bytes depend
+  on the chunk order, so there a ring must send ``2(N-1) * numel * itemsize`` over all
+  ranks (``(N-1) * ...``) and no rank more than ``2(N-1)`` (``N-1``) of the largest chunk;
+  a result that is right but sent otherwise (everything to everyone, a gather at one rank
+  then a broadcast, an extra step) is no ring;
+- the model against a measurement (:func:`grade_fit`, :func:`grade_deviation`): the
+  learner's relative-error fit of alpha and beta, on fresh synthetic timings where an
+  unweighted fit is far off, and the learner's measured / predicted ratios of the naive
+  all-reduce, recomputed here from the same timings;
 - hangs: a rank that waits for a message that never comes is a hint within ``HANG_S``.
 """
 
@@ -35,11 +42,13 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 import course_lib.collectives as library
+from course_lib.cost import comm_model
 from course_lib.grading.core import (
     DEFAULT_CASES,
     Case,
@@ -371,9 +380,43 @@ def _ring_worker(ctx, case: Case, group, cwd, module_name, fn_name, gather, inpu
 # The grader
 
 
-def _check_bytes(case: Case, sent: list[int], shape, dtype, gather: bool) -> None:
-    """In the parent: a ring's bytes, over all ranks and per rank; AssertionError if not."""
+def _check_bytes_per_rank(case: Case, sent: list[int], shape, dtype, gather: bool) -> None:
+    """In the parent, for a tensor that the group size divides: every rank's bytes sent must
+    be :func:`course_lib.cost.comm_model.bytes_sent_per_rank` exactly; AssertionError if not."""
     n, numel = len(case.members()), math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    algorithm = "ring_all_gather" if gather else "ring_all_reduce"
+    want = [
+        comm_model.bytes_sent_per_rank(algorithm, numel * itemsize, n, g, element_size=itemsize)
+        for g in range(n)
+    ]
+    wrong = [g for g in range(n) if sent[g] != want[g]]
+    if not wrong:
+        return
+    g = wrong[0]
+    formula = "(N-1)/N" if gather else "2(N-1)/N"
+    raise AssertionError(
+        f"{case.describe()}, input of shape {tuple(shape)}, {dtype}: the result is right but "
+        f"group rank {g} sent {sent[g]} bytes where comm_model.bytes_sent_per_rank"
+        f"({algorithm!r}, ...) = {formula} x numel x itemsize = {want[g]} bytes "
+        f"(all ranks sent: {sent}). A ring sends ONE chunk of "
+        "torch.tensor_split(tensor.view(-1), n) per step to its right neighbour, "
+        f"{n - 1 if gather else 2 * (n - 1)} steps in all: never the whole tensor, no "
+        "extra step, no extra message"
+    )
+
+
+def _check_bytes(case: Case, sent: list[int], shape, dtype, gather: bool) -> None:
+    """In the parent: a ring's bytes, per rank and over all ranks; AssertionError if not.
+
+    Where N divides the element count every rank must send exactly what
+    :mod:`course_lib.cost.comm_model` counts; with uneven chunks the per-rank bytes depend
+    on the chunk order the learner chose, so only the total and a per-rank bound are fixed.
+    """
+    n, numel = len(case.members()), math.prod(shape)
+    if numel % n == 0:
+        _check_bytes_per_rank(case, sent, shape, dtype, gather)
+        return
     itemsize = torch.empty((), dtype=dtype).element_size()
     steps = (n - 1) if gather else 2 * (n - 1)
     total = steps * numel * itemsize
@@ -431,7 +474,10 @@ def grade_ring(
         hang_hint=HANG_HINT,
     )
     for case, per_rank in results:
-        for i, (shape, dtype) in enumerate(inputs):
+        # inputs that N divides first: their hint names comm_model's exact bytes per rank
+        order = sorted(range(len(inputs)), key=lambda i: math.prod(inputs[i][0]) % len(per_rank))
+        for i in order:
+            shape, dtype = inputs[i]
             _check_bytes(case, [sent[i] for sent in per_rank], shape, dtype, gather)
     what = "all-gather" if gather else "all-reduce (sum)"
     sizes = sorted({c.world_size for c in cases if c.ranks is None})
@@ -441,3 +487,177 @@ def grade_ring(
         where += (" and " if where else "") + "subgroups " + ", ".join(map(str, subgroups))
     shown = "; ".join(f"{shape} {str(dtype).removeprefix('torch.')}" for shape, dtype in inputs)
     print(f"OK: {fn_name} is a ring {what} (inputs {shown}) on {where}")
+
+
+# ----------------------------------------------------------------------------------------
+# The model against a measurement: the learner's fit, and the deviation it explains
+
+# All-reduce medians (seconds, slowest rank) at world size 2, from one full-size run of
+# chapter 1 on a 2-core machine (loopback TCP, gloo): the data the exercise explains.
+GIVEN_WORLD_SIZE = 2
+GIVEN_SIZES = [1024 * 4**k for k in range(1, 9)]  # bytes: 4 KiB .. 64 MiB
+GIVEN_TIMES = {
+    "ring_all_reduce": [8.066e-3, 7.180e-3, 4.017e-3, 4.910e-3, 8.198e-3, 10.775e-3,
+                        40.377e-3, 111.212e-3],
+    "naive_all_reduce": [6.673e-3, 5.868e-3, 5.315e-3, 2.595e-3, 4.562e-3, 14.257e-3,
+                         45.261e-3, 160.682e-3],
+}  # fmt: skip
+
+FIT_RTOL = 0.05  # a relative-error fit is within 1 % on the noisy check; an unweighted one >= 19 %
+DEVIATION_RTOL = 0.05  # the learner's ratios against the grader's, per size
+
+FIT_ALLOWED = "write the weighted least squares yourself with numpy (np.linalg.lstsq)"
+
+
+def _fit_case(rng) -> tuple[float, float, int, list[float], list[float]]:
+    """A fresh ``(alpha, beta, world_size, sizes, exact times)`` of a ring all-reduce."""
+    alpha, beta = float(rng.uniform(50e-6, 500e-6)), float(rng.uniform(0.5e-9, 2e-9))
+    world_size = int(rng.choice([2, 3, 4]))
+    sizes = [4096 * 4.0**k for k in range(9)]  # 4 KiB .. 256 MiB
+    times = [comm_model.predict("ring_all_reduce", s, world_size, alpha, beta) for s in sizes]
+    return alpha, beta, world_size, sizes, times
+
+
+def _call_fit(fit, sizes, times, world_size) -> tuple[float, float]:
+    """The learner's ``fit(sizes, times, messages, bytes_factor)``, comm_model's fit off."""
+    messages, factor = comm_model.alpha_beta_terms("ring_all_reduce", world_size)
+    with forbid([(comm_model, "fit_alpha_beta")], FIT_ALLOWED):
+        result = fit(list(sizes), list(times), messages, factor)
+    try:
+        alpha, beta = (float(v) for v in result)
+    except (TypeError, ValueError):
+        raise AssertionError(
+            f"the fit must return (alpha, beta), two numbers; got {result!r}"
+        ) from None
+    return alpha, beta
+
+
+def _unweighted(sizes, times, world_size) -> tuple[float, float]:
+    """What a plain least squares (every absolute error alike) gives: the usual mistake."""
+    messages, factor = comm_model.alpha_beta_terms("ring_all_reduce", world_size)
+    x = np.asarray(sizes) * factor
+    design = np.stack([np.full_like(x, messages), x], axis=1)  # (points, 2)
+    (alpha, beta), *_ = np.linalg.lstsq(design, np.asarray(times), rcond=None)
+    return float(alpha), float(beta)
+
+
+def grade_fit(fit) -> None:
+    """Chapter 1's exercise, part 2: ``fit(sizes, times, messages, bytes_factor) -> (alpha,
+    beta)`` must fit ``t = alpha * messages + beta * bytes_factor * size`` by relative error.
+
+    Checked on fresh random parameters each call (so no number can be copied): exact
+    timings must give back alpha and beta (rtol 1e-6); timings with +-5 % noise, where an
+    unweighted least squares is off by 19 % or more, within :data:`FIT_RTOL`; timings
+    that fall with size must not give a negative parameter. ``comm_model.fit_alpha_beta``
+    is switched off during the calls. Prints one OK line, or raises AssertionError.
+    """
+    rng = np.random.default_rng()
+    alpha, beta, world, sizes, exact = _fit_case(rng)
+    truth = f"(true alpha {alpha * 1e6:.1f} us, beta {beta * 1e9:.3f} ns/B, N = {world})"
+    got = _call_fit(fit, sizes, exact, world)
+    if not np.allclose(got, (alpha, beta), rtol=1e-6, atol=0):
+        raise AssertionError(
+            f"on exact timings {truth} your fit gave alpha {got[0] * 1e6:.1f} us, beta "
+            f"{got[1] * 1e9:.3f} ns/B: the model is t = alpha * messages + beta * bytes_factor"
+            " * size, so the design matrix has the columns [messages, bytes_factor * size]"
+        )
+    noisy = [t * (1 + 0.05 * (-1) ** i) for i, t in enumerate(exact)]
+    got = _call_fit(fit, sizes, noisy, world)
+    if not np.allclose(got, (alpha, beta), rtol=FIT_RTOL, atol=0):
+        plain = _unweighted(sizes, noisy, world)
+        same = np.allclose(got, plain, rtol=0.01) or (got[0] == 0 and plain[0] < 0)
+        why = (
+            "that is what an unweighted least squares gives: the largest sizes' absolute "
+            "errors swamp alpha. Divide each row of the design matrix, and its target, by "
+            "its own measured time t_i, so every point's RELATIVE error counts alike"
+            if same
+            else "weigh every point's relative error alike: divide each row of the design "
+            "matrix, and its target, by its own measured time t_i"
+        )
+        raise AssertionError(
+            f"on timings with +-5 % noise {truth} your fit gave alpha {got[0] * 1e6:.1f} us,"
+            f" beta {got[1] * 1e9:.3f} ns/B, more than {FIT_RTOL:.0%} off: {why}"
+        )
+    got = _call_fit(fit, [1e3, 1e6], [2e-3, 1e-3], 2)
+    if min(got) < 0:
+        raise AssertionError(
+            f"timings that fall with size gave alpha {got[0]:.3g}, beta {got[1]:.3g}: a "
+            "latency or a time per byte is never negative. When the free fit gives a "
+            "negative one, set it to 0 and refit the other alone"
+        )
+    print(
+        f"OK: your fit recovers alpha and beta from exact timings and, within {FIT_RTOL:.0%},"
+        " from timings with +-5 % noise (where an unweighted fit is off by 19 % or more)"
+    )
+
+
+def _deviation(sizes, ring_times, other_times, world_size, other) -> list[float]:
+    """The grader's measured / predicted of ``other``, the model fitted to the ring."""
+    messages, factor = comm_model.alpha_beta_terms("ring_all_reduce", world_size)
+    alpha, beta = comm_model.fit_alpha_beta(sizes, ring_times, messages, factor)
+    return [
+        t / comm_model.predict(other, s, world_size, alpha, beta)
+        for s, t in zip(sizes, other_times, strict=True)
+    ]
+
+
+def _deviation_hint(got, sizes, ring, naive, world) -> str:
+    """Why the learner's ratios differ from the grader's, when a usual mistake explains it."""
+    messages, factor = comm_model.alpha_beta_terms("ring_all_reduce", world)
+    a, b = _unweighted(sizes, ring, world)
+    a, b = max(a, 0.0), max(b, 0.0)
+    candidates = {
+        "you fitted alpha and beta without weights: fit relative errors, as in part 2": [
+            t / comm_model.predict("naive_all_reduce", s, world, a, b)
+            for s, t in zip(sizes, naive, strict=True)
+        ],
+        "you predicted with the ring's terms: the naive all-reduce has its own, "
+        "alpha_beta_terms('naive_all_reduce', N)": _deviation(
+            sizes, ring, naive, world, "ring_all_reduce"
+        ),
+        "the ratios are upside down: measured / predicted, not predicted / measured": [
+            1 / r for r in _deviation(sizes, ring, naive, world, "naive_all_reduce")
+        ],
+    }
+    for hint, ratios in candidates.items():
+        if np.allclose(got, ratios, rtol=DEVIATION_RTOL):
+            return hint
+    return (
+        "fit (alpha, beta) to the RING's times with a relative-error fit (messages and "
+        "bytes_factor of 'ring_all_reduce'), then divide each measured naive time by "
+        "comm_model.predict('naive_all_reduce', size, N, alpha, beta)"
+    )
+
+
+def grade_deviation(naive_deviation) -> None:
+    """Chapter 1's exercise, part 3: ``naive_deviation(sizes, ring_times, naive_times,
+    world_size)`` returns, per size, the naive all-reduce's measured / predicted time, the
+    model fitted (relative errors) to the ring's times.
+
+    Run on :data:`GIVEN_TIMES` and on a copy whose times are scaled by fresh random
+    factors (a copied list of numbers fails there); each ratio must be within
+    :data:`DEVIATION_RTOL` of the grader's. Prints the ratios on the given timings.
+    """
+    rng = np.random.default_rng()
+    ring, naive = GIVEN_TIMES["ring_all_reduce"], GIVEN_TIMES["naive_all_reduce"]
+    scaled_ring = [t * float(rng.uniform(0.7, 1.4)) for t in ring]
+    scaled_naive = [t * float(rng.uniform(0.7, 1.4)) for t in naive]
+    for label, r, n in (("the given", ring, naive), ("randomly rescaled", scaled_ring,
+                                                     scaled_naive)):  # fmt: skip
+        got = naive_deviation(list(GIVEN_SIZES), list(r), list(n), GIVEN_WORLD_SIZE)
+        try:
+            got = [float(v) for v in got]
+        except TypeError:
+            raise AssertionError(f"return one ratio per size (a list), got {got!r}") from None
+        want = _deviation(GIVEN_SIZES, r, n, GIVEN_WORLD_SIZE, "naive_all_reduce")
+        if len(got) != len(want) or not np.allclose(got, want, rtol=DEVIATION_RTOL):
+            hint = _deviation_hint(got, GIVEN_SIZES, r, n, GIVEN_WORLD_SIZE)
+            shown = ", ".join(f"{v:.2f}" for v in got)
+            raise AssertionError(
+                f"on {label} timings your ratios are [{shown}], expected "
+                f"[{', '.join(f'{v:.2f}' for v in want)}]: {hint}"
+            )
+    ratios = _deviation(GIVEN_SIZES, ring, naive, GIVEN_WORLD_SIZE, "naive_all_reduce")
+    print("OK: naive_all_reduce at N = 2, measured / predicted (model fitted to the ring):")
+    for size, ratio in zip(GIVEN_SIZES, ratios, strict=True):
+        print(f"  {size:>9} B  {ratio:5.2f}")

@@ -80,6 +80,23 @@ def _unit_sizes(stage: str, model: Any, opt: Any) -> list[tuple[str, int, int]]:
     return [("bucket", i, sum(p.numel() for p in b.params)) for i, b in enumerate(model.buckets)]
 
 
+def step_and_measure(
+    wrapped: Any, opt: Any, sync: Any, x: torch.Tensor, y: torch.Tensor, memory: dict
+) -> None:
+    """Chapter 3: one training step of any stage, recording the bytes held after each move.
+
+    The same four lines for every stage (``wrapped``, ``opt`` and ``sync`` come from
+    ``_wrap``); ``memory[moment]`` is ``sync.memory_bytes(opt)`` at that moment.
+    """
+    loss_fn(wrapped(x), y).backward()  # ZeRO-3: gathers and frees each unit on the way
+    memory["after backward"] = sync.memory_bytes(opt)
+    sync.finish_gradient_synchronization()  # DP: all-reduce; ZeRO-1/2: reduce-scatter
+    memory["after grad sync"] = sync.memory_bytes(opt)
+    opt.step()  # ZeRO-1/2: step our piece, then all-gather the parameters
+    memory["after step"] = sync.memory_bytes(opt)
+    opt.zero_grad(set_to_none=True)
+
+
 def run_stage(
     ctx: DistContext, stage: str, model_config: GPTConfig, cfg: TrainConfig, data: torch.Tensor
 ) -> dict[str, Any]:
@@ -110,13 +127,7 @@ def run_stage(
         memory.clear()  # keep the last step's
         x, y = batch_for(data, cfg.batch_size, cfg.seq_len, cfg.seed, step, topology)  # (B/N, T)
         counter.reset()
-        loss_fn(wrapped(x), y).backward()
-        memory["after backward"] = sync.memory_bytes(opt)
-        sync.finish_gradient_synchronization()
-        memory["after grad sync"] = sync.memory_bytes(opt)
-        opt.step()
-        memory["after step"] = sync.memory_bytes(opt)
-        opt.zero_grad(set_to_none=True)
+        step_and_measure(wrapped, opt, sync, x, y, memory)
         sent = counter.bytes_sent
         xr, yr = get_batch(data, cfg.batch_size, cfg.seq_len, cfg.seed, step)  # global batch
         ref_opt.zero_grad()
@@ -154,6 +165,76 @@ def zero_worker(
     )
     data = make_dataset(load_text()).train
     return {stage: run_stage(ctx, stage, model_config, cfg, data) for stage in STAGES}
+
+
+# ---------------------------------------------------------------------------------------
+# ZeRO-3 step by step: when is each unit gathered, freed, reduce-scattered?
+# ---------------------------------------------------------------------------------------
+
+
+def _gathered_bytes(fsdp: FullyShardedDataParallel) -> int:
+    """Bytes of gathered (whole) parameters this rank holds now: 0 for a freed unit."""
+    return sum(st.buffer.untyped_storage().nbytes() for u in fsdp.all_units()
+               for st in u.sharded.values())  # fmt: skip
+
+
+def _record_unit_events(fsdp, unit, name: str, events: list, phase: list, counter) -> None:
+    """Wrap this unit's gather / free / reduce (on the instance only) to log what they do.
+
+    A gather or free that changes nothing (already gathered, already freed) is not logged;
+    a reduce-scatter is logged once, including the free it ends with.
+    """
+    in_reduce = [False]
+
+    def logged(what: str, original):
+        def run(*args: Any, **kwargs: Any) -> Any:
+            before, sent = _gathered_bytes(fsdp), counter.bytes_sent
+            in_reduce[0] = in_reduce[0] or what == "reduce-scatter"
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                in_reduce[0] = in_reduce[0] and what != "reduce-scatter"
+            after = _gathered_bytes(fsdp)
+            if what == "reduce-scatter" or (after != before and not in_reduce[0]):
+                sent = counter.bytes_sent - sent
+                events.append({"phase": phase[0], "unit": name, "event": what,
+                               "gathered_bytes": after, "bytes_sent": sent})  # fmt: skip
+            return out
+
+        return run
+
+    unit.gather = logged("all-gather", unit.gather)
+    unit.free = logged("free", unit.free)
+    unit.reduce = logged("reduce-scatter", unit.reduce)
+
+
+def zero3_events_worker(
+    ctx: DistContext, model_config: GPTConfig, batch_size: int, seq_len: int
+) -> dict[str, Any]:
+    """Chapter 3: one ZeRO-3 forward and backward, logging every gather, free, reduce-scatter.
+
+    Returns the events in order (phase, unit, event, gathered bytes after it, bytes it
+    sent), this rank's pieces in bytes, and each unit's gathered size in bytes.
+    """
+    torch.set_num_threads(1)
+    counter = C.CommCounter()
+    model = build_model(model_config, 0, "cpu")
+    fsdp = FullyShardedDataParallel(model, counter=counter)
+    names = [f"block {i}" for i in range(len(fsdp.units))] + ["root"] * (fsdp.root is not None)
+    events: list[dict[str, Any]] = []
+    phase = ["forward"]
+    for unit, name in zip(fsdp.all_units(), names, strict=True):
+        _record_unit_events(fsdp, unit, name, events, phase, counter)
+    x = torch.randint(0, model_config.vocab_size, (batch_size, seq_len))  # (B, T)
+    loss = loss_fn(fsdp(x), x)
+    phase[0] = "backward"
+    loss.backward()
+    phase[0] = "after backward"
+    fsdp.finish_gradient_synchronization()
+    sizes = {name: sum(st.nbytes for st in u.sharded.values())
+             for u, name in zip(fsdp.all_units(), names, strict=True)}  # fmt: skip
+    pieces = sum(s.numel() * s.element_size() for _, s in fsdp.shard_parameters())
+    return {"events": events, "pieces_bytes": pieces, "unit_bytes": sizes}
 
 
 # ---------------------------------------------------------------------------------------
@@ -261,23 +342,70 @@ def plot_measured_memory(results: dict[int, list[dict]], moment: str = "after st
 
 
 def plot_bytes_sent(results: dict[int, list[dict]], ax: Axes | None = None) -> Figure:
-    """Chapter 3: bytes sent per rank per step / 4 Psi, measured (dots) vs formula (lines)."""
+    """Chapter 3: bytes sent per rank per step / 4 Psi, measured (markers) vs formula (lines).
+
+    DP, ZeRO-1 and ZeRO-2 send exactly the same bytes, so their markers are drawn side by
+    side (a small horizontal offset, one shape each) and a note says that they coincide.
+    """
     import matplotlib.pyplot as plt
 
     if ax is None:
-        _, ax = plt.subplots(figsize=(6, 3.8))
+        _, ax = plt.subplots(figsize=(6.4, 4))
     worlds = sorted(results)
+    shapes = {"dp": "o", "zero1": "s", "zero2": "^", "zero3": "D"}
     for i, stage in enumerate(STAGES):
         psi = results[worlds[0]][0][stage]["psi"]
         sent = [max(r[stage]["bytes_sent"] for r in results[n]) / (4 * psi) for n in worlds]
-        style = dict(color=PALETTE[stage], label=f"{stage} (measured)", ms=8 - 1.5 * i)
-        ax.plot(worlds, sent, "o", **style)
+        x = [n + 0.09 * (i - 1.5) for n in worlds]  # side by side, not on top of each other
+        filled = PALETTE[stage] if stage == "zero3" else "none"
+        ax.plot(x, sent, shapes[stage], color=PALETTE[stage], mfc=filled, mew=1.6, ms=8,
+                label=f"{stage} (measured)")  # fmt: skip
     nn = np.linspace(1, max(worlds), 50)
     formula = dict(color=PALETTE["predicted"], lw=1)
     ax.plot(nn, 2 * (nn - 1) / nn, "--", label="2(N-1)/N", **formula)
     ax.plot(nn, 3 * (nn - 1) / nn, ":", label="3(N-1)/N", **formula)
+    top = max(worlds)
+    arrow = dict(arrowstyle="->", lw=0.8)
+    ax.annotate("dp, zero1, zero2: the same bytes\n(drawn side by side)",
+                (top - 0.1, 2 * (top - 1) / top), xytext=(0.52, 0.22),
+                textcoords="axes fraction", fontsize=9, arrowprops=arrow)  # fmt: skip
+    ax.set_xticks(worlds)
     ax.set_xlabel("ranks N")
     ax.set_ylabel("bytes sent per rank per step / (4 Psi)")
     ax.set_title("The communication price of each stage")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
+    return ax.figure
+
+
+def plot_zero3_timeline(record: dict[str, Any], ax: Axes | None = None) -> Figure:
+    """Chapter 3: ZeRO-3 parameter bytes held by one rank, event by event, in one step.
+
+    ``record`` is :func:`zero3_events_worker`'s result for that rank: its own pieces stay
+    the whole step; each all-gather adds a unit's whole parameters, each free or
+    reduce-scatter removes them. Forward is shaded apart from backward.
+    """
+    import matplotlib.pyplot as plt
+
+    events, mib = record["events"], 2**20
+    if ax is None:  # wide enough that the two-line labels of neighbouring events never touch
+        _, ax = plt.subplots(figsize=(max(8.0, 0.8 * len(events)), 4))
+    held = [record["pieces_bytes"] / mib]  # before the forward: our pieces only
+    held += [(record["pieces_bytes"] + e["gathered_bytes"]) / mib for e in events]
+    ax.step(range(len(held)), held, where="post", color=PALETTE["params"], lw=2)
+    ax.axhline(record["pieces_bytes"] / mib, color=PALETTE["predicted"], ls="--", lw=1)
+    short = {"all-gather": "gather", "free": "free", "reduce-scatter": "reduce-\nscatter"}
+    for i, e in enumerate(events, start=1):
+        again = e["phase"] == "backward" and e["event"] == "all-gather"
+        label = f"{'re-gather' if again else short[e['event']]}\n{e['unit']}"
+        ax.text(i + 0.5, held[i], label, ha="center", va="bottom", fontsize=8)
+    n_fwd = sum(e["phase"] == "forward" for e in events)
+    ax.axvspan(0, n_fwd + 1, color=PALETTE["absent"], lw=0, zorder=0)
+    ax.text(0.2, 0.97, "forward", transform=ax.get_xaxis_transform(), va="top")
+    ax.text(n_fwd + 1.2, 0.97, "backward", transform=ax.get_xaxis_transform(), va="top")
+    ax.set_xlim(0, len(held))
+    ax.set_ylim(0, max(held) * 1.35)
+    ax.set_xticks(range(len(held)))
+    ax.set_xlabel("event (in the order they happened)")
+    ax.set_ylabel("parameter MiB held by this rank")
+    ax.set_title("ZeRO-3 in one step: own pieces (dashed) + gathered units")
     return ax.figure

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import ipywidgets as w
 
-from course_lib.cost.cost_model import GPU_MEMORY, PRECISIONS
+from course_lib.cost.cost_model import GPU_MEMORY, H100_BYTES, PRECISIONS
 from course_lib.parallel.zero import zero_memory_formula
 from course_lib.viz.palette import PALETTE
 
@@ -53,16 +53,21 @@ def plot_zero_memory(
     n_params: float,
     world_sizes: tuple[int, ...] = (1, 8, 64),
     precision: str = "mixed",
-    device_bytes: int = GPU_MEMORY["H100 (80 GB)"],
+    device_bytes: int = H100_BYTES,
     title: str | None = None,
 ) -> Figure:
-    """Chapter 3: stacked bytes per rank for each stage and world size, with the GPU line."""
+    """Chapter 3: stacked GiB per rank for each stage and world size, with the GPU line.
+
+    Every memory number is in GiB (2**30 bytes), as everywhere in the course. The title
+    sits above the panels and the bars leave room for their labels, so nothing overlaps.
+    """
     import matplotlib.pyplot as plt
 
     gib = 2**30
-    width = 3.3 * len(world_sizes)
-    fig, axes = plt.subplots(1, len(world_sizes), figsize=(width, 3.6), sharey=True)
+    width = max(3.3 * len(world_sizes), 6.0)
+    fig, axes = plt.subplots(1, len(world_sizes), figsize=(width, 4.0), sharey=True)
     axes = [axes] if len(world_sizes) == 1 else list(axes)
+    tallest = device_bytes / gib
     for ax, n in zip(axes, world_sizes, strict=True):
         for stage, name in STAGE_NAMES.items():
             parts = zero_bytes_per_rank(n_params, n, stage, precision)
@@ -72,16 +77,18 @@ def plot_zero_memory(
                 ax.bar(name, parts[kind] / gib, bottom=bottom, color=PALETTE[kind], label=label)
                 bottom += parts[kind] / gib
             verdict = "fits" if bottom * gib <= device_bytes else "too big"
-            ax.text(stage, bottom, f"{bottom:.0f}\n{verdict}", ha="center", va="bottom", fontsize=7)
+            ax.text(stage, bottom, f"{bottom:.3g}\n{verdict}", ha="center", va="bottom", fontsize=7)
+            tallest = max(tallest, bottom)
         ax.axhline(device_bytes / gib, color=PALETTE["device"], ls="--", lw=1)
-        ax.set_title(f"N = {n}", fontsize=9)
+        ax.set_title(f"N = {n}", fontsize=9, pad=4)
         ax.tick_params(axis="x", labelsize=8)
+    axes[0].set_ylim(0, tallest * 1.3)  # room for the two-line labels above the bars
     axes[0].set_ylabel("GiB per rank (model states)")
-    axes[-1].legend(fontsize=7, loc="center right")
+    axes[-1].legend(fontsize=7, loc="upper right")
     pretty = f"{n_params / 1e9:g}B parameters, {precision}"
-    gpu = f"dashed: {device_bytes / gib:.0f} GiB GPU"
-    fig.suptitle(title or f"{pretty}: bytes per rank ({gpu})")
-    fig.tight_layout()
+    gpu = f"dashed line: a {device_bytes / gib:.0f} GiB GPU"
+    fig.suptitle(title or f"{pretty}: GiB per rank ({gpu})", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
 
@@ -110,7 +117,7 @@ def zero_memory_explorer(n_params: float = 7e9) -> Explorer:
                               description="ranks N")  # fmt: skip
     stage = w.ToggleButtons(options=[(v, k) for k, v in STAGE_NAMES.items()], value=3)
     precision = w.ToggleButtons(options=sorted(PRECISIONS), value="mixed")
-    gpu = w.Dropdown(options=list(GPU_MEMORY.items()), value=GPU_MEMORY["H100 (80 GB)"],
+    gpu = w.Dropdown(options=list(GPU_MEMORY.items()), value=H100_BYTES,
                      description="GPU")  # fmt: skip
     text, plot = w.HTML(), w.Image(format="png")  # PNG bytes: no output area to replay
 

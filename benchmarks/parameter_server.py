@@ -88,21 +88,25 @@ def _print_hists(hists: dict[str, list[int]]) -> None:
 
 
 def _print_bytes(args, train_config, dataset) -> None:
-    print("\n## bytes per step: through the server's link vs sent per rank by a ring all-reduce")
-    print(f"{'workers':>7} {'server meas':>12} {'server pred':>12} {'ring/rank meas':>14} "
-          f"{'ring/rank pred':>14} {'server/ring':>11}")  # fmt: skip
+    print("\n## bytes per step, each direction: the server's link vs one rank of a ring all-reduce")
+    print(f"{'workers':>7} {'server in':>11} {'server out':>11} {'server pred':>12} "
+          f"{'ring sent':>10} {'ring recv':>10} {'ring pred':>10} {'server/ring':>11} "
+          f"{'W^2/2(W-1)':>10}")  # fmt: skip
     for n in (2,) if args.smoke else (1, 2, 3, 4, 6):
         cfg = TrainConfig(**{**train_config.__dict__, "batch_size": 4 * n})  # W divides it
         r = run_distributed(ch4.bytes_worker, n + 1, MODEL, cfg, dataset, 2, **LAUNCH)
         p = r[0]["n_params"]
-        server_pred = 2 * n * (p + HEADER) * 4  # W pushes in, W replies out, fp32
+        server_pred = n * (p + HEADER) * 4  # each direction: W pushes in, W replies out, fp32
         ring_pred = (
             M.bytes_sent_per_rank("ring_all_reduce", 4 * p, n, 0, element_size=4) if n > 1 else 0
         )
-        ring = r[1]["rank_bytes"]
-        ratio = f"{r[0]['server_bytes'] / ring:11.1f}" if ring else f"{'-':>11}"
-        print(f"{n:7d} {r[0]['server_bytes']:12,d} {server_pred:12,d} {ring:14,d} "
-              f"{ring_pred:14,d} {ratio}")  # fmt: skip
+        sent, received = r[1]["rank_sent"], r[1]["rank_received"]
+        # Like with like: the busier direction of the server's link vs the ring rank's.
+        server = max(r[0]["server_in"], r[0]["server_out"])
+        ratio = f"{server / max(sent, received):11.2f}" if sent else f"{'-':>11}"
+        model = f"{n * n / (2 * (n - 1)):10.2f}" if n > 1 else f"{'-':>10}"
+        print(f"{n:7d} {r[0]['server_in']:11,d} {r[0]['server_out']:11,d} {server_pred:12,d} "
+              f"{sent:10,d} {received:10,d} {ring_pred:10,d} {ratio} {model}")  # fmt: skip
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from course_lib.chapters import ch04_parameter_server as ch4
 from course_lib.data import get_batch, load_text, make_dataset
 from course_lib.model import GPTConfig
 from course_lib.parallel.parameter_server import ParameterServer, PSConfig, flat_of
@@ -46,7 +47,8 @@ def run_case(ctx, config: PSConfig, steps: int = STEPS, fail_rank: int | None = 
             shards.append([flat_of(s) for s in strategy.shards])
     dist.barrier()  # in async modes a fast worker would push into the next case's rounds
     return {"server": strategy.is_server, "losses": losses, "shards": shards,
-            "log": strategy.staleness_log, "bytes_sent": strategy.counter.bytes_sent}  # fmt: skip
+            "log": strategy.staleness_log, "bytes_sent": strategy.counter.bytes_sent,
+            "bytes_received": strategy.counter.bytes_received}  # fmt: skip
 
 
 def run_cases(ctx, cases: list[tuple[str, dict]]) -> dict[str, dict]:
@@ -74,8 +76,11 @@ def run_train(ctx, out_dir: str, mode: str, steps: int, resume_at: int | None = 
 
 
 def run_world(ctx, cases: list[tuple[str, dict]], out_dir: str) -> dict:
-    """Every case of this world size, and (world 3) train() runs through the loop."""
+    """Every case of this world size, (world 3) train() runs through the loop and (world 4)
+    chapter 4's byte counters: 1 server + 3 workers, and a ring all-reduce among them."""
     results = {"cases": run_cases(ctx, cases)}
+    if ctx.world_size == 4:
+        results["bytes"] = ch4.bytes_worker(ctx, MODEL, TRAIN, dataset(), steps=2)
     if ctx.world_size == 3:
         results["resumed"] = run_train(ctx, f"{out_dir}/sync", "sync", STEPS, resume_at=2)
         results["async"] = run_train(ctx, f"{out_dir}/async", "async", 24, eval_interval=8)

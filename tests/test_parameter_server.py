@@ -22,6 +22,7 @@ import ps_workers as W
 import pytest
 import torch
 
+from course_lib.chapters import ch04_parameter_server as ch4
 from course_lib.data import get_batch
 from course_lib.launch import DistContext, RankError, run_distributed
 from course_lib.parallel.parameter_server import (
@@ -163,6 +164,38 @@ def test_sync_through_the_loop_with_eval_checkpoint_and_resume_equals_reference(
         torch.testing.assert_close(have, want, rtol=RTOL, atol=ATOL, msg=key)
     for k, v in ref.model.state_dict().items():
         torch.testing.assert_close(got["params"][k], v, rtol=RTOL, atol=ATOL, msg=k)
+
+
+def test_gradient_bytes_are_parameters_times_element_size():
+    assert ch4.gradient_bytes(1e9, torch.bfloat16) == 2e9  # 1B bf16 parameters: 2 GB, not 4
+    assert ch4.gradient_bytes(1e9, torch.float32) == 4e9
+    assert ch4.gradient_bytes(118_528) == 2 * 118_528  # bf16 by default
+
+
+@pytest.mark.parametrize("name", ["sync-s1", "sync-s2"])
+def test_server_link_bytes_per_direction_are_what_a_sync_run_counts(name):
+    n_servers, n_workers, ranks = case(3, name)  # the spawn the equivalence tests use
+    for server in ranks[:n_servers]:
+        want = ch4.server_link_bytes(4 * server["shards"][0][0].numel(), n_workers)
+        assert server["bytes_received"] == W.STEPS * want["in"], "pushes in"
+        assert server["bytes_sent"] == W.STEPS * want["out"], "replies out"
+    # the workers count on the wire what the servers count per round
+    workers, servers = ranks[n_servers:], ranks[:n_servers]
+    assert sum(r["bytes_sent"] for r in workers) == sum(r["bytes_received"] for r in servers)
+    assert sum(r["bytes_received"] for r in workers) == sum(r["bytes_sent"] for r in servers)
+
+
+def test_chapter4_bytes_worker_counts_each_direction_as_the_formulas_say():
+    ranks = world(4)  # 1 server + 3 workers; the ring runs among the 3 workers
+    server, ring = ranks[0]["bytes"], ranks[1]["bytes"]
+    n_bytes, n_workers = 4 * server["n_params"], 3
+    link = ch4.server_link_bytes(n_bytes, n_workers)
+    assert (server["server_in"], server["server_out"]) == (link["in"], link["out"])
+    rank = ch4.ring_rank_bytes(n_bytes, n_workers)
+    assert (ring["rank_received"], ring["rank_sent"]) == (rank["in"], rank["out"])
+    # like with like, per direction: W^2 / (2 (W - 1)) = 2.25 at W = 3 (headers, uneven chunks)
+    assert server["server_in"] / ring["rank_received"] == pytest.approx(2.25, rel=1e-3)
+    assert server["server_out"] / ring["rank_sent"] == pytest.approx(2.25, rel=1e-3)
 
 
 def test_a_failed_worker_ends_the_run_fast_naming_its_rank():

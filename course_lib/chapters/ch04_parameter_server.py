@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from course_lib import collectives as C
+from course_lib.cost import comm_model as M
 from course_lib.data import ByteDataset, get_batch
 from course_lib.launch import DistContext
 from course_lib.model import GPTConfig, loss_fn
@@ -129,25 +130,70 @@ def allreduce_worker(
     return out if ctx.rank == 0 else None
 
 
+def gradient_bytes(n_params: float, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Chapter 4: bytes of one full gradient (or one copy of the parameters) of
+    ``n_params`` elements in ``dtype``: ``n_params x bytes per element``.
+
+    bf16 has 2 bytes per element, fp32 4: a 1B-parameter bf16 gradient is 2e9 bytes.
+    """
+    return n_params * dtype.itemsize
+
+
+def server_link_bytes(n_bytes: int, n_workers: int, header_bytes: int = 4 * HEADER) -> dict:
+    """Chapter 4: bytes through a single server's link per synchronous step, per direction.
+
+    ``"in"``: the W pushes (``n_bytes`` of gradient + header each); ``"out"``: the W
+    PARAMS replies (``n_bytes`` of parameters + header each). Each direction carries
+    ``W (n + header)``, growing with W.
+    """
+    one = n_bytes + header_bytes
+    return {"in": n_workers * one, "out": n_workers * one}
+
+
+def ring_rank_bytes(n_bytes: int, n_workers: int, rank: int = 0, element_size: int = 4) -> dict:
+    """Chapter 4: bytes group rank ``rank`` sends (``"out"``) and receives (``"in"``) in a
+    ring all-reduce of ``n_bytes`` among ``n_workers`` ranks: about ``2(W-1)/W n`` each way
+    (exactly that when W divides the element count; rank r receives what rank r-1 sends)."""
+    if n_workers == 1:
+        return {"in": 0, "out": 0}
+    sent = M.bytes_sent_per_rank("ring_all_reduce", n_bytes, n_workers, rank,
+                                 element_size=element_size)  # fmt: skip
+    left = (rank - 1) % n_workers
+    received = M.bytes_sent_per_rank("ring_all_reduce", n_bytes, n_workers, left,
+                                     element_size=element_size)  # fmt: skip
+    return {"in": received, "out": sent}
+
+
 def bytes_worker(ctx: DistContext, model_config: GPTConfig, train_config: TrainConfig,
                  dataset: ByteDataset, steps: int) -> dict | None:  # fmt: skip
-    """Chapter 4: bytes per step through the server's link (1 server + N workers, sync)
-    and sent per rank by a ring all-reduce of the same gradient among the N workers."""
+    """Chapter 4: counted bytes per step, each direction, through the server's link (1 server
+    + N workers, sync) and through one rank of a ring all-reduce of the same gradient among
+    the N workers.
+
+    Rank 0 (the server) returns ``server_in``/``server_out`` per step (and their sum,
+    ``server_bytes``); rank 1 (the ring's group rank 0) returns ``rank_sent`` and
+    ``rank_received`` (``rank_bytes`` = sent).
+    """
     torch.set_num_threads(1)
     strategy = ParameterServer(ctx, PSConfig())
     strategy.setup(model_config, train_config, "cpu")
     strategy.run_for(steps * len(strategy.workers), dataset.train, every=10**9)
     workers = dist.new_group(strategy.workers)  # every rank calls new_group
-    counter = C.CommCounter()
+    counter = C.CommCounter()  # what this rank's ring all-reduce sends and receives
     if not strategy.is_server:
         grad = flat_of([p.grad for p in strategy.params])  # (P,)
         C.ring_all_reduce(grad, group=workers, counter=counter)
     dist.barrier()
-    c = strategy.counter
+    c = strategy.counter  # the server's: every push it received, every reply it sent
     if ctx.rank == 0:
-        return {"server_bytes": (c.bytes_sent + c.bytes_received) // steps, "n_params": sum(
-            p.numel() for p in strategy.params)}  # fmt: skip
-    return {"rank_bytes": counter.bytes_sent} if ctx.rank == 1 else None
+        n_params = sum(p.numel() for p in strategy.params)
+        server_in, server_out = c.bytes_received // steps, c.bytes_sent // steps
+        return {"server_in": server_in, "server_out": server_out,
+                "server_bytes": server_in + server_out, "n_params": n_params}  # fmt: skip
+    if ctx.rank == 1:
+        return {"rank_sent": counter.bytes_sent, "rank_received": counter.bytes_received,
+                "rank_bytes": counter.bytes_sent}  # fmt: skip
+    return None
 
 
 @torch.no_grad()

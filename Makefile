@@ -32,7 +32,8 @@ grade: venv
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/
 
-# The book renders the notebooks' stored outputs, offline, warnings as errors.
+# The book renders the notebooks' stored outputs, offline (MathJax is copied into the build
+# by sphinx-mathjax-offline, no CDN), warnings as errors.
 book: venv
 	$(VENV)/bin/jupyter-book build book --warningiserror --nitpick --keep-going
 

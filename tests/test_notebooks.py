@@ -19,6 +19,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 CHECK_TAG = "nbval-check-output"
+# Plotting boilerplate: a cell with more lines of matplotlib than this hides its input in the
+# book (DESIGN.md section 6), so the reader sees the figure and can unfold the code.
+MAX_PLOT_LINES = 8
+HIDING_TAGS = ("hide-input", "remove-input")
+FIGURE_MAKERS = {"subplots", "figure", "subplot", "add_subplot", "add_axes", "inset_axes", "twinx"}
 
 
 def _code_cells(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
@@ -27,6 +32,44 @@ def _code_cells(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
 
 def _tags(cell: nbformat.NotebookNode) -> list[str]:
     return list(cell.get("metadata", {}).get("tags", []))
+
+
+def _source(cell: nbformat.NotebookNode) -> str:
+    """The cell's Python, without IPython magics and shell escapes."""
+    lines = cell.source.splitlines()
+    return "\n".join(ln for ln in lines if not ln.lstrip().startswith(("%", "!")))
+
+
+def _matplotlib_lines(source: str) -> int:
+    """Lines that call pyplot, or a method of a figure or axes object the cell holds.
+
+    Held are `plt`, `fig`, `ax`, `axes`, `axs`, names assigned from them (`left, right =
+    plt.subplots(1, 2)`, `ax = axes[0]`) and loop variables over them (`for ax in axes.flat`).
+    """
+    tree = ast.parse(source)
+    held = {"plt", "fig", "ax", "axes", "axs"}
+
+    def on_held(node: ast.AST) -> bool:  # `plt.x`, `axes[0]`, `fig.add_subplot(...)`
+        return isinstance(node, ast.Attribute | ast.Subscript) and (
+            isinstance(node.value, ast.Name) and node.value.id in held
+        )
+
+    size = 0
+    while size != len(held):  # to a fixed point: `fig = plt.figure()` before `ax = fig.gca()`
+        size = len(held)
+        for node in ast.walk(tree):
+            value = getattr(node, "value", None)
+            maker = isinstance(value, ast.Call) and getattr(value.func, "attr", "") in FIGURE_MAKERS
+            made = isinstance(node, ast.Assign) and (
+                on_held(value) or (maker and on_held(value.func))
+            )
+            looped = isinstance(node, ast.For) and any(
+                isinstance(n, ast.Name) and n.id in held for n in ast.walk(node.iter)
+            )
+            if made or looped:
+                targets = node.targets if made else [node.target]
+                held |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return len({node.lineno for node in ast.walk(tree) if on_held(node)})
 
 
 def _library_names() -> set[str]:
@@ -105,11 +148,25 @@ def test_does_not_redefine_library_code(notebook) -> None:
     path, nb = notebook
     library = _library_names()
     for i, cell in enumerate(_code_cells(nb)):
-        lines = cell.source.splitlines()  # IPython magics and shell escapes are not Python
-        source = "\n".join(ln for ln in lines if not ln.lstrip().startswith(("%", "!")))
-        tree = ast.parse(source)
+        tree = ast.parse(_source(cell))
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef | ast.ClassDef):
                 assert node.name not in library, (
                     f"{path.name} cell {i} redefines course_lib's {node.name}; import it instead"
                 )
+
+
+def test_plotting_boilerplate_hides_its_input_in_the_book(notebook) -> None:
+    path, nb = notebook
+    untagged = [
+        f"cell {i} (id {cell.get('id')}): {lines} lines"
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code" and cell.source.strip()
+        if (lines := _matplotlib_lines(_source(cell))) > MAX_PLOT_LINES
+        and not set(HIDING_TAGS) & set(_tags(cell))
+    ]
+    assert not untagged, (
+        f"{path.name}: plotting cells with more than {MAX_PLOT_LINES} lines of matplotlib "
+        f"({'; '.join(untagged)}): tag each 'hide-input' (the book shows the figure and folds "
+        f"the code) or move the plot into the chapter's module"
+    )

@@ -409,7 +409,10 @@ def grade_zero1_step(
         n = len(case.members())
         res = results[0][optims[0]]
         sizes.setdefault(n, (res["sent"][-1], res["padded_bytes"]))
-    per_n = "; ".join(f"N={n}: {s} of {p} bytes" for n, (s, p) in sorted(sizes.items()))
+    per_n = "; ".join(
+        f"N={n}: sent {s} bytes = 2({n}-1)/{n} x {p} padded bytes"
+        for n, (s, p) in sorted(sizes.items())
+    )
     where = "; ".join(case.describe() for case, _ in ran)
     print(
         f"OK: {module_name} inside ZeroRedundancyOptimizer matches single-device "

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 import torch.distributed as dist
+from matplotlib.lines import Line2D
 
 from course_lib import collectives as C
+from course_lib.cost import comm_model as M
 from course_lib.data import get_batch, load_text, make_dataset
 from course_lib.launch import DistContext
 from course_lib.model import GPT, GPTConfig, loss_fn
@@ -100,18 +105,19 @@ def equivalence_worker(
 
 
 def accumulation_worker(
-    ctx: DistContext, micro_batches: int, batch_size: int
+    ctx: DistContext, micro_batches: int, batch_size: int, bucket_cap_mb: float = 1.0
 ) -> dict[str, float | int]:
     """Chapter 2: ``micro_batches`` backward passes, all but the last inside ``no_sync()``.
 
     The global batch of ``batch_size`` sequences is cut over ranks, then each rank's share
     into ``micro_batches`` micro-batches whose losses are scaled by 1/micro_batches.
-    Returns the largest difference from the single-device gradient of the whole batch and
-    the all-reduce calls and bytes the accumulated step cost.
+    Returns the largest difference from the single-device gradient of the whole batch,
+    the all-reduce calls and bytes the accumulated step cost, and the number of buckets
+    (one all-reduce each, whatever the number of micro-batches).
     """
     data, cfg = _train_data(), GPTConfig()
     module = build_model(cfg, SEED, "cpu")
-    model = DataParallel(module, mode="overlapped", bucket_cap_mb=1.0)
+    model = DataParallel(module, mode="overlapped", bucket_cap_mb=bucket_cap_mb)
     x, y = get_batch(data, batch_size, SEQ_LEN, SEED, 0, ctx.rank, ctx.world_size)  # (b, T)
     model.reset_counters()
     for k, (xm, ym) in enumerate(zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True)):
@@ -198,11 +204,131 @@ def _timed_step(model: DataParallel, x: torch.Tensor, y: torch.Tensor) -> dict[s
     }
 
 
+@dataclass(frozen=True)
+class Simulation:
+    """Chapter 2: simulated compute (sleeps) and a simulated link (the alpha-beta model).
+
+    A 2-core laptop cannot show overlap or scaling: its ranks share the cores they
+    compute with, and its "link" is memory. In a simulated step each rank's forward
+    sleeps a third and its backward two thirds of ``compute_fixed_s + compute_per_seq_s * b``
+    (spread over the blocks, so gradients become ready layer by layer as on real
+    hardware), and every all-reduce lasts at least the alpha-beta time of a ring on the
+    link ``(alpha_s, beta_s_per_byte)``, one all-reduce at a time, on a thread beside the
+    compute. The model still runs, on sequences of ``seq_len`` tokens (short, so that
+    real compute is small beside the sleeps), and the all-reduce is real: the gradients
+    are truly averaged.
+    """
+
+    compute_fixed_s: float  # c0: compute per step whatever the batch (seconds)
+    compute_per_seq_s: float  # c1: compute per sequence of the per-rank batch (seconds)
+    alpha_s: float  # link latency per message (seconds)
+    beta_s_per_byte: float  # link time per byte (seconds per byte): 1 / bandwidth
+    seq_len: int = 8  # tokens per sequence actually computed
+
+    def compute_s(self, b: int) -> float:
+        """Simulated forward + backward seconds of a per-rank batch of ``b`` sequences."""
+        return self.compute_fixed_s + self.compute_per_seq_s * b
+
+    def all_reduce_s(self, n_bytes: float, world_size: int) -> float:
+        """The link model's seconds for one ring all-reduce of ``n_bytes`` over N ranks."""
+        return M.predict("ring_all_reduce", n_bytes, world_size, self.alpha_s, self.beta_s_per_byte)
+
+
+class _LinkWork:
+    """What an asynchronous all-reduce on the simulated link returns (like torch's Work)."""
+
+    def __init__(self, future: torch.futures.Future) -> None:
+        self.future = future
+
+    def wait(self) -> bool:
+        self.future.wait()  # re-raises an error of the link thread
+        return True
+
+    def get_future(self) -> torch.futures.Future:
+        return self.future
+
+
+class SimulatedLinkDP(DataParallel):
+    """Chapter 2: :class:`DataParallel` whose all-reduces run on a simulated link.
+
+    One thread per rank is the link: it runs the queued all-reduces one after another,
+    each the real ``dist.all_reduce`` padded with a sleep to the :class:`Simulation`'s
+    alpha-beta time. Call :meth:`close` when done (stops the thread).
+    """
+
+    def __init__(self, module: torch.nn.Module, mode: str, cap: float, sim: Simulation) -> None:
+        super().__init__(module, mode, cap)
+        self.sim = sim
+        self._queue: list = []
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._link, daemon=True)
+        self._thread.start()
+
+    def _link(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._queue)
+                job = self._queue.pop(0)
+            if job is None:
+                return
+            tensor, future = job
+            try:
+                start = time.perf_counter()
+                dist.all_reduce(tensor, group=self.group)
+                n_bytes = tensor.numel() * tensor.element_size()
+                rest = self.sim.all_reduce_s(n_bytes, self.world_size)
+                time.sleep(max(0.0, rest - (time.perf_counter() - start)))
+                future.set_result(tensor)
+            except Exception as error:  # noqa: BLE001 -- handed to whoever waits
+                future.set_exception(error)
+
+    def _submit(self, job: Any) -> None:
+        with self._wake:
+            self._queue.append(job)
+            self._wake.notify()
+
+    def all_reduce(self, tensor: torch.Tensor, async_op: bool = False) -> _LinkWork | None:
+        """Queue ``tensor``'s all-reduce on the link (counted); wait unless ``async_op``."""
+        self.bytes_all_reduced += tensor.numel() * tensor.element_size()
+        self.all_reduce_calls += 1
+        work = _LinkWork(torch.futures.Future())
+        self._submit((tensor, work.future))
+        if async_op:
+            return work
+        work.wait()
+        return None
+
+    def close(self) -> None:
+        """Stop the link thread (after the last step's synchronization)."""
+        self._submit(None)
+        self._thread.join(timeout=30)
+
+
+def _delay_blocks(model: GPT, clock: dict[str, float]) -> None:
+    """Sleep ``clock["forward"]`` and ``clock["backward"]`` seconds, spread over the blocks.
+
+    Each block sleeps its share in its forward and, through a hook on its output's
+    gradient, in its backward, before its own parameters' gradients are computed: so
+    the gradients of later blocks are ready (and their buckets can start) while the
+    earlier blocks still "compute".
+    """
+    share = 1 / len(model.blocks)
+
+    def forward_hook(_module, _inputs, output):
+        time.sleep(clock["forward"] * share)
+        if output.requires_grad:
+            output.register_hook(lambda grad: time.sleep(clock["backward"] * share))
+
+    for block in model.blocks:
+        block.register_forward_hook(forward_hook)
+
+
 def step_timing_worker(
     ctx: DistContext,
     configs: list[tuple[str, float]],
     batch_per_rank: list[int],
     repeats: int,
+    simulation: Simulation | None = None,
 ) -> dict[str, Any]:
     """Chapter 2: time forward, backward and sync for each ``(mode, bucket_cap_mb)``.
 
@@ -211,17 +337,28 @@ def step_timing_worker(
     them alike). Returns ``times[(mode, cap, b, what)] = [seconds per repeat]`` with
     ``what`` in forward/backward/sync/step, ``info[(mode, cap)]`` (all-reduce calls and
     bytes per step, bucket sizes) and ``timelines[(mode, cap, b)]`` (the last repeat's).
+    With a :class:`Simulation`, compute and link are simulated (sleeps) as it describes.
     """
     data, cfg = _train_data(), GPTConfig()
+    seq_len = simulation.seq_len if simulation else SEQ_LEN
+    clock = {"forward": 0.0, "backward": 0.0}  # the simulated compute of the current b
     models = {}
     for mode, cap in configs:
-        models[(mode, cap)] = DataParallel(build_model(cfg, SEED, "cpu"), mode, cap)
+        module = build_model(cfg, SEED, "cpu")
+        if simulation is None:
+            models[(mode, cap)] = DataParallel(module, mode, cap)
+        else:
+            _delay_blocks(module, clock)
+            models[(mode, cap)] = SimulatedLinkDP(module, mode, cap, simulation)
     times: dict[tuple, list[float]] = {}
     info, timelines = {}, {}
     for b in batch_per_rank:
+        if simulation is not None:
+            clock["forward"] = simulation.compute_s(b) / 3
+            clock["backward"] = simulation.compute_s(b) * 2 / 3
         for i in range(repeats + 1):
             global_batch = b * ctx.world_size
-            x, y = get_batch(data, global_batch, SEQ_LEN, SEED, i, ctx.rank, ctx.world_size)
+            x, y = get_batch(data, global_batch, seq_len, SEED, i, ctx.rank, ctx.world_size)
             for (mode, cap), model in models.items():
                 row = _timed_step(model, x, y)
                 if i == 0:
@@ -235,7 +372,28 @@ def step_timing_worker(
                     "step": row["step"],
                     "buckets": row["timeline"],
                 }
+    for model in models.values():
+        if isinstance(model, SimulatedLinkDP):
+            model.close()
     return {"times": times, "info": info, "timelines": timelines}
+
+
+def scaling_worker(
+    ctx: DistContext,
+    measured: tuple[list[tuple[str, float]], list[int], int] | None,
+    simulated: tuple[list[tuple[str, float]], list[int], int, Simulation] | None,
+) -> dict[str, Any]:
+    """Chapter 2: the measured and the simulated scaling runs of one world size, one spawn.
+
+    Each argument is :func:`step_timing_worker`'s ``(configs, batch_per_rank, repeats)``
+    (plus the :class:`Simulation` for ``simulated``), or None to skip that run.
+    """
+    out = {}
+    if measured is not None:
+        out["measured"] = step_timing_worker(ctx, *measured)
+    if simulated is not None:
+        out["simulated"] = step_timing_worker(ctx, *simulated)
+    return out
 
 
 def slowest_rank(
@@ -299,5 +457,190 @@ def plot_overlap_timeline(timelines: dict[str, list[dict[str, Any]]], title: str
         ax.legend(fontsize=7, loc="lower left")
     axes[-1].set_xlabel("ms since the start of the step (each rank's clock)")
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def simulated_step_s(sim: Simulation, b: int, world_size: int, bucket_bytes: list[int]) -> dict:
+    """Chapter 2: the model of a simulated step: without overlap, and overlap's best case.
+
+    ``serial``: compute, then the buckets' all-reduces one after another.
+    ``overlap_bound``: forward, then backward and the all-reduces side by side (the
+    all-reduces can hide behind backward, never behind forward): no overlapped step is
+    faster.
+    """
+    compute = sim.compute_s(b)
+    comm = sum(sim.all_reduce_s(n, world_size) for n in bucket_bytes)
+    return {
+        "compute": compute,
+        "comm": comm,
+        "serial": compute + comm,
+        "overlap_bound": compute / 3 + max(compute * 2 / 3, comm),
+    }
+
+
+def fit_compute_line(batch_sizes: list[int], seconds: list[float]) -> dict[str, Any]:
+    """Chapter 2: fit ``compute(b) = c0 + c1 * b`` to measured times, with ``c0 >= 0``.
+
+    A least-squares line whose intercept comes out negative (a fixed cost the points
+    cannot resolve) is replaced by the line through the origin; ``note`` says which
+    fit was kept and, in that case, the free fit's negative intercept.
+    """
+    bs, ts = np.asarray(batch_sizes, dtype=float), np.asarray(seconds, dtype=float)
+    c1, c0 = np.polyfit(bs, ts, 1)
+    if c0 >= 0:
+        note = "least-squares line"
+        return {"c0": float(c0), "c1": float(c1), "free_c0": float(c0), "note": note}
+    through_origin = float(bs @ ts / (bs @ bs))
+    note = (
+        f"the free fit's intercept was {c0 * 1e3:.2f} ms < 0 (a fixed cost these points "
+        "cannot resolve): kept the line through the origin, c0 = 0"
+    )
+    return {"c0": 0.0, "c1": through_origin, "free_c0": float(c0), "note": note}
+
+
+def _flat_params(model: torch.nn.Module) -> torch.Tensor:
+    return _flat([p for p in model.parameters() if p.requires_grad])
+
+
+def _sgd(model: torch.nn.Module, grads: list[torch.Tensor], lr: float) -> None:
+    """The source's ``update_params``: one plain gradient-descent step."""
+    with torch.no_grad():
+        for p, g in zip([p for p in model.parameters() if p.requires_grad], grads, strict=True):
+            p.add_(g, alpha=-lr)
+
+
+def _grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss_fn(model(x), y).backward()
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def _spread(flat: torch.Tensor) -> float:
+    """Largest distance of a rank's ``flat`` parameters from rank 0's, relative to rank 0's norm."""
+    everyone = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, flat)
+    return max(float((t - everyone[0]).norm() / everyone[0].norm()) for t in everyone)
+
+
+def source_scheme_worker(
+    ctx: DistContext, epochs: int, batches_per_epoch: int, batch_size: int, lr: float
+) -> dict[str, Any] | None:
+    """Chapter 2: the source article's data-parallel pseudocode against true data parallelism.
+
+    The source (its section 3.3) updates each rank's *local* parameters with its own
+    gradient every batch, and once per epoch averages only the *last* batch's local
+    gradients into the *global* parameters, which are never copied back to the ranks.
+    Beside it: :class:`DataParallel` (gradients averaged every batch) and, on rank 0, one
+    device on the whole global batch of ``batch_size`` sequences; all three take plain
+    gradient-descent steps of ``lr`` from the same init. After every batch: each model's
+    loss on a fixed held-out batch, and how far the ranks' parameters are apart. Returns
+    rank 0's record (None elsewhere).
+    """
+    dataset, cfg = make_dataset(load_text(None)), GPTConfig()
+    data, x_val, y_val = dataset.split("train"), *get_batch(dataset.split("val"), 8, SEQ_LEN, 7, 0)
+    one = build_model(cfg, SEED, "cpu")  # one device, the whole batch (rank 0's only)
+    dp = DataParallel(build_model(cfg, SEED, "cpu"), "bucketed", 25.0)
+    local = build_model(cfg, SEED, "cpu")  # the source's local_model_params
+    global_ = build_model(cfg, SEED, "cpu")  # the source's global_model_params
+    rows = []
+    for epoch in range(epochs):
+        for k in range(batches_per_epoch):
+            x, y = get_batch(data, batch_size, SEQ_LEN, SEED, k, ctx.rank, ctx.world_size)
+            local_grads = _grads(local, x, y)  # the source's local_gradients
+            _sgd(local, local_grads, lr)
+            _grads(dp, x, y)
+            dp.finish_gradient_synchronization()
+            _sgd(dp, [p.grad for p in dp.params], lr)
+            if ctx.rank == 0:
+                _sgd(one, _grads(one, *get_batch(data, batch_size, SEQ_LEN, SEED, k)), lr)
+            if k == batches_per_epoch - 1:  # end of epoch: aggregate the LAST batch only
+                for g in local_grads:
+                    dist.all_reduce(g)
+                    g.div_(ctx.world_size)
+                _sgd(global_, local_grads, lr)
+            with torch.no_grad():
+                losses = {
+                    name: loss_fn(m(x_val), y_val).item()
+                    for name, m in [("one", one), ("dp", dp), ("local", local), ("global", global_)]
+                }
+            local_all = [torch.zeros(1) for _ in range(ctx.world_size)]
+            dist.all_gather(local_all, torch.tensor([losses["local"]]))
+            rows.append({
+                "step": epoch * batches_per_epoch + k + 1,
+                **losses,
+                "local_per_rank": [float(t) for t in local_all],
+                "spread_local": _spread(_flat_params(local)),
+                "spread_dp": _spread(_flat_params(dp.module)),
+                "global_vs_dp": float((_flat_params(global_) - _flat_params(dp.module)).norm()
+                                      / _flat_params(dp.module).norm()),
+            })  # fmt: skip
+    return {"rows": rows} if ctx.rank == 0 else None
+
+
+def plot_weak_scaling(
+    panels: dict[str, dict[int, dict[str, list[float]]]], title: str = ""
+) -> plt.Figure:
+    """Chapter 2: speed-up over one rank at a fixed per-rank batch, one panel per run.
+
+    ``panels[title][b]`` holds ``worlds``, ``measured`` and ``model`` (speed-ups, i.e.
+    tokens/s at N over tokens/s at N = 1 with the same b). All panels share one linear
+    y axis; colour is the batch, line style says measured, model or perfect.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), sharey=True)
+    axes = np.atleast_1d(axes)
+    batches = sorted({b for panel in panels.values() for b in panel})
+    top = max(max(r["worlds"]) for panel in panels.values() for r in panel.values())
+    for ax, (panel_title, panel) in zip(axes, panels.items(), strict=True):
+        ax.plot([1, top], [1, top], ":", color="0.5")
+        for b, r in panel.items():
+            color = f"C{batches.index(b)}"
+            ax.plot(r["worlds"], r["measured"], "o-", color=color)
+            ax.plot(r["worlds"], r["model"], "--", color=color, alpha=0.7)
+        ax.set_xticks(sorted({w for r in panel.values() for w in r["worlds"]}))
+        ax.set_xlabel("ranks N")
+        ax.set_title(panel_title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("speed-up over one rank (same b per rank)")
+    axes[0].set_ylim(0, top + 0.3)
+    handles = [Line2D([], [], color=f"C{i}", lw=3) for i in range(len(batches))]
+    handles += [
+        Line2D([], [], color="k", marker="o", ls="-"),
+        Line2D([], [], color="k", ls="--"),
+        Line2D([], [], color="0.5", ls=":"),
+    ]
+    labels = [f"b = {b} sequences per rank" for b in batches]
+    labels += ["measured", "model (alpha-beta + compute)", "perfect (N x)"]
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    return fig
+
+
+def plot_source_scheme(rows: list[dict[str, Any]], batches_per_epoch: int) -> plt.Figure:
+    """Chapter 2: held-out loss and replica spread per batch, from :func:`source_scheme_worker`."""
+    steps = [r["step"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(steps, [r["one"] for r in rows], "-", color="k", lw=3, alpha=0.4, label="one device")
+    ax1.plot(steps, [r["dp"] for r in rows], "--", color="C0", label="data parallel (ours)")
+    ax1.plot(steps, [r["global"] for r in rows], "-", color="C3", label="source: global model")
+    for rank in range(len(rows[0]["local_per_rank"])):
+        ax1.plot(steps, [r["local_per_rank"][rank] for r in rows], ":", color=f"C{rank + 1}",
+                 label=f"source: rank {rank}'s local model")  # fmt: skip
+    ax1.set_xlabel("batch")
+    ax1.set_ylabel("loss on a held-out batch")
+    ax1.set_title("Training: the source's scheme vs data parallelism", fontsize=10)
+    ax1.legend(fontsize=8)
+    ax2.plot(
+        steps, [r["spread_local"] for r in rows], "-", color="C3", label="source: local models"
+    )
+    ax2.plot(steps, [r["spread_dp"] for r in rows], "--", color="C0", label="data parallel")
+    ax2.set_xlabel("batch")
+    ax2.set_ylabel("|theta_r - theta_0| / |theta_0|, largest r")
+    ax2.set_title("How far the ranks' parameters are apart", fontsize=10)
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        for end in range(batches_per_epoch, steps[-1] + 1, batches_per_epoch):
+            ax.axvline(end, color="0.8", lw=1, zorder=0)
     fig.tight_layout()
     return fig

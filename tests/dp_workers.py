@@ -77,6 +77,7 @@ class Case:
     bucket_mb: float = 25.0  # DataParallel bucket cap
     unused: str = "none"  # toy's extra block: "none" always used, "ranks" per rank, "steps"
     compute_dtype: str | None = None  # zero3 only
+    prefetch: bool = False  # zero3 only: overlapped all-gathers and reduce-scatters
     clip: float = 0.0  # clip the global grad norm to this (0: off)
 
 
@@ -98,6 +99,11 @@ def make_cases() -> list[Case]:
         cases.append(Case(f"{kind}_accum", "gpt", "adamw"))
     cases.append(Case("zero3", "gpt", "adamw", compute_dtype="float64"))
     cases.append(Case("zero3", "gpt", "adamw", compute_dtype="bfloat16"))
+    # ZeRO-3 with prefetch: the variants whose path it changes (skips, no_sync, bf16).
+    cases.append(Case("zero3", "gpt", "adamw", prefetch=True))
+    cases.append(Case("zero3", "toy", "adamw", unused="steps", prefetch=True))
+    cases.append(Case("zero3_accum", "gpt", "adamw", prefetch=True))
+    cases.append(Case("zero3", "gpt", "adamw", compute_dtype="bfloat16", prefetch=True))
     return cases
 
 
@@ -191,7 +197,7 @@ class Runner:
             dtype = COMPUTE_DTYPES[case.compute_dtype]
             key = lambda p: int(p.dim() >= 2)  # noqa: E731
             self.model = self.sync = FullyShardedDataParallel(
-                module, group=group, compute_dtype=dtype, group_of=key
+                module, group=group, compute_dtype=dtype, group_of=key, prefetch=case.prefetch
             )
             shards = self.model.shard_parameters()
             self.opt = cls(groups([s for _, s in shards], key=lambda s: dict(
@@ -301,3 +307,32 @@ def wrap_with_another_ranks_group(ctx: DistContext, wrapper: str) -> None:
         ZeroRedundancyOptimizer(module.parameters(), torch.optim.SGD, group=only_rank0, lr=0.1)
     else:
         FullyShardedDataParallel(module, group=only_rank0)
+
+
+def chapter2_simulation(ctx: DistContext) -> dict:
+    """Chapter 2's simulated link and the source's scheme, in one spawn (tests/test_chapter2.py).
+
+    The simulated link's averaged gradients against plain DataParallel's, the simulated
+    timing worker's counts, and a short run of the source's data-parallel scheme.
+    """
+    from course_lib.chapters import ch02_data_parallel as chapter2
+
+    sim = chapter2.Simulation(0.0, 1e-4, 1e-5, 1e-10, seq_len=4)
+    grads = {}
+    for name in ("plain", "simulated"):
+        for mode in ("bucketed", "overlapped"):
+            module = build("gpt")
+            if name == "plain":
+                model = DataParallel(module, mode, 1e-3)
+            else:
+                model = chapter2.SimulatedLinkDP(module, mode, 1e-3, sim)
+            x, y = batch(0, ctx.rank)
+            loss_fn(model(x), y).backward()
+            model.finish_gradient_synchronization()
+            grads[(name, mode)] = torch.cat([p.grad.reshape(-1) for p in module.parameters()])
+            if name == "simulated":
+                model.close()
+                grads[("alive", mode)] = model._thread.is_alive()
+    timing = chapter2.step_timing_worker(ctx, [("overlapped", 0.5)], [1], 1, sim)
+    source = chapter2.source_scheme_worker(ctx, 2, 2, 2, 0.1)
+    return {"grads": grads, "info": timing["info"], "source": source}

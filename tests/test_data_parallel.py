@@ -50,6 +50,7 @@ def _case_id(case: W.Case) -> str:
     parts += [f"unused-{case.unused}"] if case.unused != "none" else []
     parts += [case.compute_dtype] if case.compute_dtype else []
     parts += [f"clip{case.clip}"] if case.clip else []
+    parts += ["prefetch"] if case.prefetch else []
     return "-".join(parts)
 
 
@@ -237,3 +238,18 @@ def test_a_group_this_rank_is_not_in_is_refused_before_any_communication(wrapper
     message = str(info.value)
     assert "this rank is not a member of the group it was given (global ranks [0])" in message
     assert "Topology.dp_group" in message
+
+
+def test_zero3_prefetch_changes_no_arithmetic_at_world_1_and_2(world):
+    """Prefetch moves when the collectives run, not what they compute: at N <= 2 a sum of
+    two fp32 terms is the same in any order, so with and without prefetch agree bitwise
+    (at N = 3-4 the all-to-all sums in rank order, the ring in ring order: tolerance)."""
+    n, results = world
+    for kind in ("zero3", "zero3_accum"):
+        plain, case = W.Case(kind, "gpt", "adamw"), W.Case(kind, "gpt", "adamw", prefetch=True)
+        ours = results[0][CASES.index(case)]["ours"]
+        theirs = results[0][CASES.index(plain)]["ours"]
+        if n <= 2:
+            assert torch.equal(ours, theirs), _case_id(case)
+        else:
+            torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=ATOL)

@@ -5,12 +5,24 @@ parallelism: each rank keeps only its 1/N flat piece of every parameter, in fp32
 the optimizer steps those pieces. A unit's parameters (a transformer block, or the root
 for everything else) are all-gathered just before the unit runs and freed right after;
 its gradients are reduce-scattered into the pieces as soon as backward has produced them.
-Per rank: (4 Psi + 4 Psi + 8 Psi) / N bytes with Adam, plus one gathered unit at a time.
+Per rank: (4 Psi + 4 Psi + 8 Psi) / N bytes with Adam, plus the gathered root and
+one gathered block at a time.
+
+With ``prefetch=True`` it hides its traffic as torch's FSDP does: the next unit's
+all-gather is posted (``async_op=True``) while the current unit computes, in forward (the
+previous step's order) and in backward (this step's forward order reversed), and a unit's
+gradients are reduce-scattered asynchronously while backward continues; the optimizer
+waits for all of them. Up to two units are then gathered at once (one more term in the
+memory formula: :func:`course_lib.parallel.zero.zero3_params_formula`). A
+:class:`Timeline` records what ran when, for the chapter's figure.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +54,72 @@ from course_lib.train import (
 )
 
 
+@dataclass(frozen=True)
+class TimelineEvent:
+    """Chapter 3: one thing a unit did, in seconds since its :class:`Timeline` started."""
+
+    unit: str  # "block 0", "block 1", ..., "root"
+    kind: str  # "all-gather", "forward", "backward" or "reduce-scatter"
+    start: float  # when it was posted (communication) or began (compute)
+    end: float  # when it completed
+
+
+class Timeline:
+    """Chapter 3: records every unit's all-gathers, forward, backward and reduce-scatters.
+
+    Pass one to :class:`FullyShardedDataParallel` (``timeline=``); call :meth:`reset`
+    before the step to draw. An asynchronous collective's end is stamped by gloo's
+    thread when it completes, hence the lock. ``course_lib.viz.plots_zero`` draws it.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[TimelineEvent] = []
+        self.t0 = time.perf_counter()
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def add(self, unit: str, kind: str, start: float, end: float | None = None) -> None:
+        with self._lock:
+            self.events.append(TimelineEvent(unit, kind, start, self.now() if end is None else end))
+
+    def add_when_done(self, work: dist.Work, unit: str, kind: str, start: float) -> None:
+        """Stamp the end of ``work`` (an ``async_op=True`` handle) when it completes."""
+        work.get_future().add_done_callback(lambda _: self.add(unit, kind, start))
+
+    def reset(self) -> None:
+        with self._lock:
+            self.events, self.t0 = [], time.perf_counter()
+
+
+def _count(counter: C.CommCounter | None, op: str, messages: int, nbytes: int) -> None:
+    """Count ``messages`` messages of ``nbytes`` sent and as many received (torch's collectives)."""
+    if counter is not None:
+        for _ in range(messages):
+            counter.record_send(op, nbytes)
+            counter.record_recv(nbytes)
+
+
+class _Unflatten(torch.autograd.Function):
+    """Chapter 3: a flat (padded,) leaf -> every parameter's view; backward: one concatenation.
+
+    Plain slices of the flat leaf would each send back a zero-filled (padded,) gradient,
+    summed into ``full.grad`` one by one (k parameters: k full-size buffers); this sends
+    back one buffer, the parameters' gradients end to end, as torch's FSDP copies them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, flat: torch.Tensor, layout: FlatLayout) -> tuple[torch.Tensor, ...]:
+        ctx.layout = layout
+        ctx.set_materialize_grads(False)  # an unused parameter's gradient: None, not zeros
+        return tuple(layout.views(flat))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+        return ctx.layout.flatten(list(grads), next(g for g in grads if g is not None)), None
+
+
 class _ShardedTensors:
     """Chapter 3: some parameters of one unit, kept as 1/N flat piece, gathered on demand.
 
@@ -64,6 +142,7 @@ class _ShardedTensors:
         self.full.set_(storage, 0, (self.layout.padded,)).requires_grad_()
         self.nbytes = storage.nbytes()
         self.gathered = True
+        self.pending: dist.Work | None = None  # an asynchronous all-gather into buffer
         self.free()
 
     def gather(self, group, counter) -> None:
@@ -74,10 +153,55 @@ class _ShardedTensors:
                 C.ring_all_gather(self.buffer, group, counter)
             self.gathered = True
 
+    def start_gather(self, group, counter, world_size: int) -> dist.Work | None:
+        """Post the all-gather into ``buffer`` (``async_op=True``); :meth:`wait` completes it.
+
+        gloo's all-gather is a ring: each rank sends its piece and N - 2 others, (N-1)/N
+        of the unit, as chapter 1's ring does; counted here since torch counts nothing.
+        """
+        if self.gathered or self.pending is not None:
+            return None
+        self.buffer.untyped_storage().resize_(self.nbytes)
+        piece = self.shard.detach().to(self.buffer.dtype)  # fp32: the shard itself, no copy
+        self.pending = dist.all_gather_single(self.buffer, piece, group, async_op=True)
+        nbytes = piece.numel() * piece.element_size()
+        _count(counter, "all_gather_single", world_size - 1, nbytes)
+        return self.pending
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending, self.gathered = None, True
+
     def free(self) -> None:
+        self.wait()
         if self.gathered:
             self.buffer.untyped_storage().resize_(0)
             self.gathered = False
+
+
+class _PendingReduce:
+    """Chapter 3: one flat group's reduce-scatter in flight, as an all-to-all.
+
+    gloo's ``reduce_scatter_tensor`` is an all-reduce followed by a slice (twice the
+    bytes of a reduce-scatter), so each rank sends chunk j of its gradient straight to
+    rank j (``all_to_all_single``: (N-1)/N of the gradient, as the ring) and sums the N
+    chunks it receives for its own piece, in rank order, when the optimizer needs them.
+    """
+
+    def __init__(self, st: _ShardedTensors, grad: torch.Tensor, group, counter, n: int) -> None:
+        self.st, self.grad, self.n = st, grad, n  # grad: (padded,), kept alive until done
+        self.received = torch.empty_like(grad)  # (N * shard_numel,): row r from rank r
+        self.work = dist.all_to_all_single(self.received, grad, group=group, async_op=True)
+        _count(counter, "all_to_all_single", n - 1, grad.numel() // n * grad.element_size())
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        self.work.wait()
+        rows = self.received.view(self.n, -1)  # (N, shard_numel)
+        piece = rows.to(torch.float32).sum(0).div_(self.n)  # (shard_numel,) fp32, own memory
+        st = self.st
+        st.shard.grad = piece if st.shard.grad is None else st.shard.grad.add_(piece)
 
 
 class _Unit:
@@ -103,13 +227,38 @@ class _Unit:
             del owner._parameters[attr]  # from now on a plain attribute, set by gather()
         self.reduced = True
         self.ready: set[int] = set()  # group keys whose gradient this backward produced
+        self.name = "root"  # "block i" once FullyShardedDataParallel numbers its units
 
-    def gather(self, group, counter) -> None:
-        """All-gather the parameters and point every owner's attribute at its view."""
+    def gather(self, group, counter, timeline: Timeline | None = None) -> None:
+        """All-gather the parameters (chapter 1's ring) and point every owner at its view."""
+        start = timeline.now() if timeline is not None else 0.0
+        for st in self.sharded.values():
+            st.gather(group, counter)
+        if timeline is not None:
+            timeline.add(self.name, "all-gather", start)
+        self._point_at_views()
+
+    def start_gather(self, group, counter, world_size: int, timeline: Timeline | None) -> None:
+        """Post the all-gathers of every flat group (``async_op=True``); no waiting."""
+        for st in self.sharded.values():
+            start = timeline.now() if timeline is not None else 0.0
+            work = st.start_gather(group, counter, world_size)
+            if work is not None and timeline is not None:
+                timeline.add_when_done(work, self.name, "all-gather", start)
+
+    def wait_gather(self) -> None:
+        """Wait for the posted all-gathers, then point every owner's attribute at its view."""
+        for st in self.sharded.values():
+            st.wait()
+        self._point_at_views()
+
+    def is_gathering(self) -> bool:
+        return any(st.gathered or st.pending is not None for st in self.sharded.values())
+
+    def _point_at_views(self) -> None:
         views = {}
         for k, st in self.sharded.items():
-            st.gather(group, counter)
-            for p, v in zip(self.groups[k], st.layout.views(st.full), strict=True):
+            for p, v in zip(self.groups[k], _Unflatten.apply(st.full, st.layout), strict=True):
                 views[id(p)] = v
         for owner, attr, p in self.slots:
             setattr(owner, attr, views[id(p)])
@@ -120,16 +269,36 @@ class _Unit:
             st.free()
 
     @torch.no_grad()
-    def reduce(self, group, counter, world_size: int) -> None:
+    def reduce(self, group, counter, world_size: int, timeline: Timeline | None = None) -> None:
         """Reduce-scatter the unit's gradients into the fp32 shards' ``.grad``; free the rest."""
+        start = timeline.now() if timeline is not None else 0.0
         for st in self.sharded.values():
             grad = st.full.grad if st.full.grad is not None else torch.zeros_like(st.buffer)
             piece = C.ring_reduce_scatter(grad, group, counter)  # (shard_numel,) compute dtype
             piece = piece.to(torch.float32, copy=True).div_(world_size)  # own memory
             st.shard.grad = piece if st.shard.grad is None else st.shard.grad.add_(piece)
             st.full.grad = None
+        if timeline is not None:
+            timeline.add(self.name, "reduce-scatter", start)
         self.free()
         self.reduced = True
+
+    @torch.no_grad()
+    def start_reduce(
+        self, group, counter, world_size: int, timeline: Timeline | None
+    ) -> list[_PendingReduce]:
+        """Post the reduce-scatters (``async_op=True``), free the parameters; finish later."""
+        pending = []
+        for st in self.sharded.values():
+            grad = st.full.grad if st.full.grad is not None else torch.zeros_like(st.buffer)
+            st.full.grad = None
+            start = timeline.now() if timeline is not None else 0.0
+            pending.append(_PendingReduce(st, grad, group, counter, world_size))
+            if timeline is not None:
+                timeline.add_when_done(pending[-1].work, self.name, "reduce-scatter", start)
+        self.free()
+        self.reduced = True
+        return pending
 
 
 def _default_units(module: nn.Module) -> list[nn.Module]:
@@ -172,6 +341,14 @@ class FullyShardedDataParallel(SyncSwitch, nn.Module):
     :meth:`finish_gradient_synchronization` after backward. ``group_of(p)`` puts
     parameters in separate flat groups (the course: decayed 2-D weights apart from the
     rest); frozen parameters stay replicated.
+
+    ``prefetch=False`` (the default) runs every all-gather and reduce-scatter on chapter 1's
+    ring, synchronously: the mechanism, one thing at a time. ``prefetch=True`` overlaps
+    them with compute as torch's FSDP does (see the module docstring), on torch's
+    asynchronous collectives (``all_gather_single``; ``all_to_all_single`` for the
+    reduce-scatter: :class:`_PendingReduce` says why), counting their bytes into
+    ``counter`` all the same: the bytes sent equal the ring's.
+    ``timeline`` records what each unit did when (:class:`Timeline`).
     """
 
     def __init__(
@@ -182,6 +359,8 @@ class FullyShardedDataParallel(SyncSwitch, nn.Module):
         unit_modules: list[nn.Module] | None = None,
         group_of: Callable[[nn.Parameter], int] = lambda p: 0,
         counter: C.CommCounter | None = None,
+        prefetch: bool = False,
+        timeline: Timeline | None = None,
     ) -> None:
         super().__init__()
         # No group: the whole world, named explicitly (strategies pass their Topology's).
@@ -204,6 +383,13 @@ class FullyShardedDataParallel(SyncSwitch, nn.Module):
         self.units = [_Unit(u, s, *args) for u, s in zip(units, by_unit, strict=True) if s]
         root_slots = [s for s in slots if owner.get(id(s[2]), -1) == -1]
         self.root = _Unit(module, root_slots, *args) if root_slots else None
+        for i, unit in enumerate(self.units):
+            unit.name = f"block {i}" if unit_modules is None else f"unit {i}"
+        self.prefetch, self.timeline = prefetch, timeline
+        self._ran: list[_Unit] = []  # the units whose forward ran in this step, in order
+        self._forward_order: list[_Unit] = list(self.units)  # the guess: last step's order
+        self._reducing: list[_PendingReduce] = []  # reduce-scatters in flight
+        self._started: dict[int, float] = {}  # id(unit) -> when its compute began (timeline)
         for unit in self.units:
             unit.module.register_forward_pre_hook(lambda m, a, u=unit: self._pre_forward(u))
             unit.module.register_forward_hook(lambda m, a, out, u=unit: self._post_forward(u, out))
@@ -222,23 +408,57 @@ class FullyShardedDataParallel(SyncSwitch, nn.Module):
         return [(k, st.shard) for u in self.all_units() for k, st in u.sharded.items()]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._ran = []
         if self.root is not None:
-            self.root.gather(self.group, self.counter)
+            self._gather(self.root, [self._forward_order[0]] if self._forward_order else [])
         out = self.module(*args, **kwargs)
+        if self.prefetch:  # a unit prefetched that did not run this time: free it
+            for unit in self.units:
+                if unit not in self._ran and unit.is_gathering():
+                    unit.free()
+            self._forward_order = self._ran
         if self.root is not None and not torch.is_grad_enabled():
             self.root.free()  # no backward will come to free it
         return out
 
+    def _gather(self, unit: _Unit, then_prefetch: list[_Unit]) -> None:
+        """Make ``unit``'s parameters whole; with prefetch, then post ``then_prefetch``'s."""
+        if not self.prefetch:
+            unit.gather(self.group, self.counter, self.timeline)
+            return
+        unit.start_gather(self.group, self.counter, self.world_size, self.timeline)
+        unit.wait_gather()  # posted earlier by a prefetch, or just now
+        for nxt in then_prefetch:
+            nxt.start_gather(self.group, self.counter, self.world_size, self.timeline)
+
+    def _next(self, order: list[_Unit], unit: _Unit) -> list[_Unit]:
+        """The unit after ``unit`` in ``order`` (a list of at most one); none without prefetch."""
+        if not self.prefetch or unit not in order:
+            return []
+        i = order.index(unit)
+        return order[i + 1 : i + 2]
+
     def _pre_forward(self, unit: _Unit) -> None:
-        unit.gather(self.group, self.counter)
+        """Before the unit's forward: all-gather its parameters (with prefetch: and the next's)."""
+        self._gather(unit, then_prefetch=self._next(self._forward_order, unit))
+        self._ran.append(unit)
+        if self.timeline is not None:
+            self._started[id(unit)] = self.timeline.now()
 
     def _post_forward(self, unit: _Unit, out: Any) -> None:
+        """After the unit's forward: free its parameters; gather again before its backward."""
         unit.free()
+        if self.timeline is not None:
+            self.timeline.add(unit.name, "forward", self._started.pop(id(unit)))
         if torch.is_tensor(out) and out.requires_grad:
             out.register_hook(lambda grad: self._pre_backward(unit, grad))
 
     def _pre_backward(self, unit: _Unit, grad: torch.Tensor) -> torch.Tensor:
-        unit.gather(self.group, self.counter)
+        """Before the unit's backward: all-gather its parameters again (freed after forward)."""
+        backward_order = self._ran[::-1]  # backward runs the units in reverse forward order
+        self._gather(unit, then_prefetch=self._next(backward_order, unit))
+        if self.timeline is not None:
+            self._started[id(unit)] = self.timeline.now()
         return grad
 
     def _post_backward(self, unit: _Unit, key: int) -> None:
@@ -247,10 +467,18 @@ class FullyShardedDataParallel(SyncSwitch, nn.Module):
         if len(unit.ready) < len(unit.sharded):
             return
         unit.ready.clear()
-        if self.require_sync:
-            unit.reduce(self.group, self.counter, self.world_size)
-        else:  # no_sync(): the whole gradient accumulates; parameters are re-gathered later
+        if self.timeline is not None and id(unit) in self._started:
+            self.timeline.add(unit.name, "backward", self._started.pop(id(unit)))
+        if not self.require_sync:  # no_sync(): the whole gradient accumulates; re-gather later
             unit.free()
+        elif self.prefetch:  # post this unit's reduce-scatter; finish those posted before
+            for pending in self._reducing:
+                pending.finish()
+            self._reducing = unit.start_reduce(
+                self.group, self.counter, self.world_size, self.timeline
+            )
+        else:
+            unit.reduce(self.group, self.counter, self.world_size, self.timeline)
 
     def finish_gradient_synchronization(self) -> None:
         """Chapter 3: after backward, check every unit that ran has reduced its gradients.
@@ -264,9 +492,13 @@ class FullyShardedDataParallel(SyncSwitch, nn.Module):
                 "finish_gradient_synchronization() inside no_sync(): call it after the "
                 "backward that runs outside no_sync()"
             )
+        for pending in self._reducing:  # the reduce-scatters still in flight
+            pending.finish()
+        self._reducing = []
         for unit in self.all_units():
             unit.ready.clear()
             if unit.reduced:
+                unit.free()  # a backward prefetch of a unit that had no backward
                 continue
             if any(st.full.grad is not None for st in unit.sharded.values()):
                 unit.reduce(self.group, self.counter, self.world_size)  # some pieces unused
@@ -314,9 +546,10 @@ class FullyShardedDataParallel(SyncSwitch, nn.Module):
         """Chapter 3: bytes this rank holds for parameters, gradients and optimizer state."""
         shards = [s for _, s in self.shard_parameters()]
         gathered = [st.buffer for u in self.all_units() for st in u.sharded.values()]
+        in_flight = [t for r in self._reducing for t in (r.grad, r.received)]  # prefetch
         return {
             "params": held_bytes([*shards, *gathered]),  # gathered: 0 bytes once freed
-            "grads": held_bytes(s.grad for s in shards),
+            "grads": held_bytes([*(s.grad for s in shards), *in_flight]),
             "optimizer": state_bytes(optimizer),
         }
 
@@ -372,9 +605,11 @@ class Zero3Strategy(Strategy):
 
     name = "zero3"
 
-    def __init__(self, ctx: Any = None, compute_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, ctx: Any = None, compute_dtype: torch.dtype | None = None, prefetch: bool = False
+    ) -> None:
         super().__init__(ctx)
-        self.compute_dtype = compute_dtype
+        self.compute_dtype, self.prefetch = compute_dtype, prefetch
 
     def wrap(self, module: GPT, cfg: TrainConfig):
         fsdp = FullyShardedDataParallel(
@@ -382,6 +617,7 @@ class Zero3Strategy(Strategy):
             group=self.topology.dp_group,
             compute_dtype=self.compute_dtype,
             group_of=lambda p: int(p.dim() >= 2),  # 1: the 2-D weights AdamW decays
+            prefetch=self.prefetch,
         )
         groups = decay_groups(fsdp, cfg.weight_decay)
         return fsdp, torch.optim.AdamW(groups, **adamw_settings(cfg)), fsdp

@@ -21,7 +21,7 @@ chapter 3's graded exercise: the grader passes the learner's two functions in th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -62,6 +62,43 @@ def zero_memory_formula(psi: int, world_size: int, stage: int, k: int = 8) -> di
         "params": 4 * psi / (n if stage >= 3 else 1),
         "grads": 4 * psi / (n if stage >= 2 else 1),
         "optimizer": k * psi / (n if stage >= 1 else 1),
+    }
+
+
+def zero3_params_formula(
+    unit_numels: Sequence[int],
+    world_size: int,
+    running: int | None,
+    prefetch: bool,
+    root_numel: int = 0,
+    compute_bytes: int = 4,
+) -> dict[str, float]:
+    """Chapter 3: ZeRO-3's parameter bytes per rank while unit ``running``'s forward runs.
+
+    ``unit_numels`` are the units' padded flat sizes in forward order (the blocks), and
+    ``root_numel`` the root's (embeddings, final LayerNorm; 0 if none). Four named terms:
+
+    - ``pieces``: this rank's fp32 1/N piece of every unit, 4 (sum + root) / N;
+    - ``root``: the root, gathered from forward to the end of backward;
+    - ``running``: the unit whose forward runs, gathered in the compute dtype;
+    - ``prefetch``: the next unit, whose all-gather is already in flight with
+      ``prefetch=True`` (0 without prefetch, or after the last unit).
+
+    ``running=None``: between steps, the pieces only. The sum is what
+    ``FullyShardedDataParallel.memory_bytes()["params"]`` measures; with
+    ``running=None`` the pieces equal :func:`zero_memory_formula`'s stage-3 ``params``
+    (up to the padding).
+    """
+    n = len(unit_numels)
+    if running is not None and not 0 <= running < n:
+        raise ValueError(f"running={running}: a unit index in 0..{n - 1}, or None between steps")
+    gathered = running is not None
+    nxt = running + 1 if gathered and prefetch and running + 1 < n else None
+    return {
+        "pieces": 4 * (sum(unit_numels) + root_numel) / world_size,
+        "root": compute_bytes * root_numel if gathered else 0,
+        "running": compute_bytes * unit_numels[running] if gathered else 0,
+        "prefetch": compute_bytes * unit_numels[nxt] if nxt is not None else 0,
     }
 
 

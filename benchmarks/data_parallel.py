@@ -60,7 +60,7 @@ STAGE = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_prefetch": 3,
 TORCH_TWIN = {"zero1": "torch_zero1", "zero2": "torch_zero1", "zero3": "torch_fsdp2",
               "zero3_prefetch": "torch_fsdp2"}  # fmt: skip
 BUCKET_MB = 0.5  # small enough that the tiny GPT has several buckets to overlap
-MB = 2**20
+MIB = 2**20  # memory in binary units, as everywhere in the course
 
 
 def _optimizer(params) -> torch.optim.Optimizer:
@@ -212,11 +212,11 @@ def rows(world_size: int, result: dict, tokens_per_step: int) -> list[dict]:
                 "vs_ddp": step / ddp if ddp else None,
                 "vs_torch": step / twin if twin else None,
                 "max_loss_diff": max(abs(a - b) for a, b in losses),
-                "payload_mb": r["payload"] / MB,
-                "sent_mb": r["sent"] / MB,
-                "formula_sent_mb": bytes_formula(name, r["psi"], world_size) / MB,
-                "held_mb": sum(r["memory"].values()) / MB,
-                "formula_held_mb": sum(formula.values()) / MB,
+                "payload_mb": r["payload"] / MIB,
+                "sent_mb": r["sent"] / MIB,
+                "formula_sent_mb": bytes_formula(name, r["psi"], world_size) / MIB,
+                "held_mb": sum(r["memory"].values()) / MIB,
+                "formula_held_mb": sum(formula.values()) / MIB,
                 "memory": r["memory"],
             }
         )
@@ -226,20 +226,20 @@ def rows(world_size: int, result: dict, tokens_per_step: int) -> list[dict]:
 def format_table(table: list[dict]) -> str:
     head = (
         f"{'mode':<15}{'step ms':>9}{'tokens/s':>10}{'vs DDP':>8}{'vs torch':>9}"
-        f"{'loss diff':>10}{'payload MB':>11}"
-        f"{'sent MB':>9}{'formula':>9}{'held MB':>9}{'formula':>9}  params/grads/optim MB"
+        f"{'loss diff':>10}{'payload MiB':>12}"
+        f"{'sent MiB':>9}{'formula':>9}{'held MiB':>9}{'formula':>9}  params/grads/optim MiB"
     )
     lines = [f"world size {table[0]['world_size']}", head, "-" * len(head)]
     for r in table:
         m = r["memory"]
-        split = "/".join(f"{m[k] / MB:.2f}" for k in ("params", "grads", "optimizer"))
+        split = "/".join(f"{m[k] / MIB:.2f}" for k in ("params", "grads", "optimizer"))
         sent = f"{r['sent_mb']:.2f}" if r["sent_mb"] else "-"
         payload = "-" if r["payload_mb"] != r["payload_mb"] else f"{r['payload_mb']:.2f}"
         twin = "-" if r["vs_torch"] is None else f"{r['vs_torch']:.2f}"
         lines.append(
             f"{r['mode']:<15}{r['step_ms']:>9.1f}{r['tokens_per_s']:>10.0f}{r['vs_ddp']:>8.2f}"
             f"{twin:>9}{r['max_loss_diff']:>10.1e}"
-            f"{payload:>11}{sent:>9}{r['formula_sent_mb']:>9.2f}"
+            f"{payload:>12}{sent:>9}{r['formula_sent_mb']:>9.2f}"
             f"{r['held_mb']:>9.2f}{r['formula_held_mb']:>9.2f}  {split}"
         )
     return "\n".join(lines)
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"reference GPT: {sum(p.numel() for p in GPT(config).parameters()):,} parameters, "
         f"{args.batch} x {config.block_size} tokens per rank per step, gloo, 1 thread per rank, "
-        f"{steps} timed steps (median), bucket cap {BUCKET_MB} MB"
+        f"{steps} timed steps (median), bucket cap {BUCKET_MB} MiB"
     )
     table = []
     for n in worlds:

@@ -4,15 +4,17 @@ from course_lib.viz.predict import prediction_error, said
 
 
 def test_said_without_a_prediction_asks_for_one(capsys):
-    text = said(None, 2048, "bytes sent", "B")
-    assert text == "bytes sent: measured 2,048 B (write a prediction above first)"
-    assert capsys.readouterr().out.strip() == text
+    assert said(None, 2048, "bytes sent", "B") is None  # a cell ending in said() shows it once
+    expected = "bytes sent: measured 2,048 B (write a prediction above first)\n"
+    assert capsys.readouterr().out == expected
 
 
-def test_said_reports_the_relative_error_and_the_kind():
-    text = said(100, 150, "step", "ms", kind="simulated")
-    assert text == "step: you predicted 100 ms, simulated 150 ms (off by +50%)"
-    assert said(0, 3.0, "x").endswith("(off by n/a)")
+def test_said_reports_the_relative_error_and_the_kind(capsys):
+    said(100, 150, "step", "ms", kind="simulated")
+    said(0, 3.0, "x")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "step: you predicted 100 ms, simulated 150 ms (off by +50%)"
+    assert lines[1].endswith("(off by n/a)")
 
 
 def test_prediction_error_sign_and_zero():

@@ -7,6 +7,7 @@ functions) and draws the figures below from what the workers return.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,10 +19,20 @@ from course_lib.data import batch_for, get_batch, load_text, make_dataset
 from course_lib.launch import DistContext
 from course_lib.model import GPTConfig, loss_fn
 from course_lib.parallel.data_parallel import DataParallel
-from course_lib.parallel.fsdp import FullyShardedDataParallel, decay_groups
-from course_lib.parallel.zero import ZeroRedundancyOptimizer, zero_memory_formula
+from course_lib.parallel.fsdp import FullyShardedDataParallel, Timeline, decay_groups
+from course_lib.parallel.zero import (
+    ZeroRedundancyOptimizer,
+    zero3_params_formula,
+    zero_memory_formula,
+)
 from course_lib.topology import Topology
-from course_lib.train import TrainConfig, adamw_settings, build_model, optimizer_groups
+from course_lib.train import (
+    TrainConfig,
+    adamw_settings,
+    build_model,
+    optimizer_groups,
+    train_step,
+)
 from course_lib.viz.palette import PALETTE  # plain strings: no matplotlib on the ranks
 
 if TYPE_CHECKING:  # the spawned ranks never import matplotlib
@@ -235,6 +246,64 @@ def zero3_events_worker(
              for u, name in zip(fsdp.all_units(), names, strict=True)}  # fmt: skip
     pieces = sum(s.numel() * s.element_size() for _, s in fsdp.shard_parameters())
     return {"events": events, "pieces_bytes": pieces, "unit_bytes": sizes}
+
+
+def _prefetch_run(
+    ctx: DistContext, model_config: GPTConfig, batch_size: int, seq_len: int, steps: int,
+    prefetch: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """One variant of :func:`prefetch_worker`: ``steps`` AdamW steps of ZeRO-3, timed."""
+    counter, timeline = C.CommCounter(), Timeline()
+    module = build_model(model_config, 0, "cpu")
+    fsdp = FullyShardedDataParallel(module, counter=counter, prefetch=prefetch, timeline=timeline)
+    opt = torch.optim.AdamW(fsdp.parameters(), lr=LR)
+    numels = [sum(st.layout.padded for st in u.sharded.values()) for u in fsdp.units]
+    root = sum(st.layout.padded for st in fsdp.root.sharded.values()) if fsdp.root else 0
+    held: dict[str, Any] = {}
+
+    def probe(module, args) -> None:  # registered after FSDP's hook: block 0 is gathered
+        formula = zero3_params_formula(numels, ctx.world_size, 0, prefetch, root)
+        held.update(measured=fsdp.memory_bytes(opt)["params"], formula=formula)
+
+    module.blocks[0].register_forward_pre_hook(probe)
+    seconds, sent, losses = [], [], []
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(1000 * step + ctx.rank)  # each rank its own batch
+        data = torch.randint(0, model_config.vocab_size, (batch_size, seq_len + 1), generator=gen)
+        counter.reset()
+        timeline.reset()
+        dist.barrier()
+        start = time.perf_counter()
+        loss = train_step(fsdp, opt, fsdp, data[:, :-1], data[:, 1:], lr=LR, grad_clip=0.0)
+        seconds.append(time.perf_counter() - start)
+        sent.append(counter.bytes_sent)
+        losses.append(loss.item())
+    return {
+        "step_s": float(np.median(seconds[1:] or seconds)),  # step 0 also records the order
+        "events": [(e.unit, e.kind, e.start, e.end) for e in timeline.events],
+        "bytes_sent": sent[-1],
+        "held_in_first_block": held,
+        "losses": losses,
+        "pieces": torch.cat([p.detach().flatten() for _, p in fsdp.shard_parameters()]),
+    }
+
+
+def prefetch_worker(
+    ctx: DistContext, model_config: GPTConfig, batch_size: int, seq_len: int, steps: int
+) -> dict[str, Any]:
+    """Chapter 3: ZeRO-3 without and with prefetch, same model, same batches, same steps.
+
+    For each variant ("no prefetch", "prefetch"): the median step time (forward, backward,
+    gradient sync, AdamW), the last step's timeline (events as plain tuples), the bytes
+    sent per step, the parameter bytes held inside the first block's forward (measured, and
+    ``zero3_params_formula``'s terms: with prefetch, block 1 is already arriving), the
+    losses, and the final pieces (to compare the variants).
+    """
+    torch.set_num_threads(1)
+    return {
+        name: _prefetch_run(ctx, model_config, batch_size, seq_len, steps, prefetch)
+        for name, prefetch in (("no prefetch", False), ("prefetch", True))
+    }
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,12 +21,13 @@ def prediction_error(prediction: float, measured: float) -> float | None:
 
 def said(
     prediction: float | None, measured: float, what: str, unit: str = "", kind: str = "measured"
-) -> str:
-    """Print (and return) ``what``: the reader's prediction, the ``kind`` value, how far off.
+) -> None:
+    """Print ``what``: the reader's prediction, the ``kind`` value, and how far off it was.
 
     ``prediction=None`` (the reader skipped the prediction cell) prints the measurement and
     a reminder. ``kind`` names where the number comes from: "measured", "simulated",
-    "modelled".
+    "modelled". It returns nothing, so that a notebook cell ending in ``said(...)`` shows
+    the line once.
     """
     unit = f" {unit}" if unit else ""
     if prediction is None:
@@ -39,4 +40,3 @@ def said(
             f"{_number(measured)}{unit} (off by {off})"
         )
     print(text)
-    return text

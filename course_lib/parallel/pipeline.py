@@ -141,6 +141,11 @@ class PipelineParallel:
     ``schedule(p, m)`` (or ``schedule(p, m, chunks)`` when ``chunks > 1``); it is checked
     once here, before any message. ``compute_s = (t_f, t_b, t_w)`` adds simulated compute
     per action (per chunk divided by ``chunks``).
+
+    Chapter 7 hands it a tensor-parallel GPT (the same ``embed``/``blocks``/``head``
+    pieces): ``criterion(logits, targets)`` is then the last stage's vocabulary-parallel
+    loss (default :func:`~course_lib.model.loss_fn`), and with sequence parallelism the
+    stream between stages holds ``T / sequence_shards`` positions of each sequence.
     """
 
     def __init__(
@@ -152,8 +157,12 @@ class PipelineParallel:
         chunks: int = 1,
         split: list[int] | None = None,
         compute_s: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        *,
+        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loss_fn,
+        sequence_shards: int = 1,
     ) -> None:
         p, self.rank = topology.pp, topology.pp_rank
+        self.criterion, self.sequence_shards = criterion, sequence_shards
         self.width = model.config.n_embd
         self.p, self.m, self.chunks = p, microbatches, chunks
         self.group, self.compute_s = topology.pp_group, compute_s
@@ -222,7 +231,7 @@ class PipelineParallel:
                 with self.saved.hooks():
                     out = stage(inp)
                     if stage.last:
-                        out = loss_fn(out, ys[a.microbatch]) / self.m
+                        out = self.criterion(out, ys[a.microbatch]) / self.m
                         loss += out.detach()
                 inputs[key], outputs[key] = inp, out
                 produced = None if stage.last else out.detach()
@@ -247,9 +256,10 @@ class PipelineParallel:
 
     @torch.no_grad()
     def evaluate(
-        self, x: torch.Tensor, y: torch.Tensor, loss: Callable[..., torch.Tensor] = loss_fn
+        self, x: torch.Tensor, y: torch.Tensor, loss: Callable[..., torch.Tensor] | None = None
     ) -> float:
         """The mean loss of ``(x, y)``, forwards only (each rank's F actions, in order)."""
+        loss = self.criterion if loss is None else loss
         self._check_batch(x)
         xs, ys = x.chunk(self.m), y.chunk(self.m)
         shape, dtype = self._activation(xs[0])
@@ -268,7 +278,8 @@ class PipelineParallel:
     def _activation(self, x: torch.Tensor) -> tuple[tuple[int, int, int], torch.dtype]:
         """Shape and dtype of the stream between stages for a micro-batch of token ids."""
         param = next(iter(self.parameters()))
-        return (x.shape[0], x.shape[1], self.width), param.dtype
+        positions = x.shape[1] // self.sequence_shards  # this rank's share with sequence parallel
+        return (x.shape[0], positions, self.width), param.dtype  # (B_mb, T / shards, C)
 
     def _recv(self, message: Message, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         buffer = torch.empty(shape, dtype=dtype)

@@ -1,0 +1,88 @@
+"""Chapter 7: DP x PP x TP composed in one place computes what one device computes.
+
+One spawn at world size 4 runs every shape (each axis alone at 4, each pair at 2 x 2,
+sequence parallelism on where tp > 1) for two SGD steps with gradient clipping that
+binds; every rank's pieces, the gathered model, the losses and the norms are compared
+with the single device, and the replicas of a dp group must be bitwise equal.
+"""
+
+import functools
+
+import compose_workers as W
+import pytest
+import torch
+
+from course_lib.launch import run_distributed
+from course_lib.parallel.compose import check_hybrid
+
+RTOL, ATOL = 1.3e-6, 1e-5  # fp32, the order of a sum changed (DESIGN.md section 5)
+
+SHAPES = [
+    ((2, 2, 1), False),
+    ((2, 1, 2), False),
+    ((1, 2, 2), False),
+    ((4, 1, 1), False),
+    ((1, 4, 1), False),
+    ((1, 1, 4), False),
+    ((1, 2, 2), True),
+    ((2, 1, 2), True),
+]
+
+
+@functools.cache
+def results() -> list[list[dict]]:
+    return run_distributed(W.every_shape, 4, SHAPES, timeout_s=120)
+
+
+def _close(pair, what: str) -> None:
+    got, want = pair
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("i", range(len(SHAPES)), ids=[f"{s}-sp{int(sp)}" for s, sp in SHAPES])
+def test_every_shape_matches_one_device(i):
+    shape, sp = SHAPES[i]
+    for rank, per_shape in enumerate(results()):
+        out, where = per_shape[i], f"{shape} sp={sp} rank {rank}"
+        got, want = out["losses"]
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, msg=f"{where}: losses")
+        got, want = out["norms"]
+        assert min(want) > W.CLIP, "the clipping must bind for the test to check it"
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0, msg=f"{where}: norms")
+        for name, pair in out["pieces"].items():
+            _close(pair, f"{where}: {name}")
+        for name, pair in out["full"].items():
+            _close(pair, f"{where}: gathered {name}")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("i", range(len(SHAPES)), ids=[f"{s}-sp{int(sp)}" for s, sp in SHAPES])
+def test_replicas_of_a_dp_group_are_bitwise_equal(i):
+    by_place: dict[tuple[int, int], list[dict]] = {}  # (pp, tp) -> that place's replicas
+    for per_shape in results():
+        _, pp_rank, tp_rank = per_shape[i]["coords"]
+        by_place.setdefault((pp_rank, tp_rank), []).append(per_shape[i])
+    for place, replicas in by_place.items():
+        first = replicas[0]
+        for other in replicas[1:]:
+            assert other["losses"][0] == first["losses"][0], place
+            for name, (got, _) in other["pieces"].items():
+                assert torch.equal(got, first["pieces"][name][0]), (SHAPES[i], place, name)
+
+
+def test_bad_shapes_are_refused_with_the_fix():
+    cfg = W.CONFIG
+    with pytest.raises(ValueError, match="tp=3 does not divide n_head=4"):
+        check_hybrid(cfg, 1, 1, 3, schedule="1f1b", microbatches=2)
+    with pytest.raises(ValueError, match="pp=5 stages but only n_layer=4"):
+        check_hybrid(cfg, 1, 5, 1, schedule="1f1b", microbatches=5)
+    with pytest.raises(ValueError, match="does not split into dp=2 replicas x 4 micro-batches"):
+        check_hybrid(cfg, 2, 2, 1, schedule="1f1b", microbatches=4, global_batch=12)
+    with pytest.raises(ValueError, match="at least as many micro-batches as stages"):
+        check_hybrid(cfg, 1, 4, 1, schedule="1f1b", microbatches=2, global_batch=8)
+    with pytest.raises(ValueError, match="sequence length divisible by 2"):
+        check_hybrid(cfg, 1, 1, 2, schedule="1f1b", microbatches=2, sequence_parallel=True,
+                     seq_len=7)  # fmt: skip
+    with pytest.raises(ValueError, match="interleaved schedule"):
+        check_hybrid(cfg, 1, 2, 1, schedule="interleaved", microbatches=2)

@@ -163,9 +163,9 @@ class _ShardedTensors:
             return None
         self.buffer.untyped_storage().resize_(self.nbytes)
         piece = self.shard.detach().to(self.buffer.dtype)  # fp32: the shard itself, no copy
-        self.pending = dist.all_gather_single(self.buffer, piece, group, async_op=True)
+        self.pending = dist.all_gather_into_tensor(self.buffer, piece, group, async_op=True)
         nbytes = piece.numel() * piece.element_size()
-        _count(counter, "all_gather_single", world_size - 1, nbytes)
+        _count(counter, "all_gather_into_tensor", world_size - 1, nbytes)
         return self.pending
 
     def wait(self) -> None:
@@ -345,7 +345,7 @@ class FullyShardedDataParallel(SyncSwitch, nn.Module):
     ``prefetch=False`` (the default) runs every all-gather and reduce-scatter on chapter 1's
     ring, synchronously: the mechanism, one thing at a time. ``prefetch=True`` overlaps
     them with compute as torch's FSDP does (see the module docstring), on torch's
-    asynchronous collectives (``all_gather_single``; ``all_to_all_single`` for the
+    asynchronous collectives (``all_gather_into_tensor``; ``all_to_all_single`` for the
     reduce-scatter: :class:`_PendingReduce` says why), counting their bytes into
     ``counter`` all the same: the bytes sent equal the ring's.
     ``timeline`` records what each unit did when (:class:`Timeline`).

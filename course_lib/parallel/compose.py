@@ -39,6 +39,7 @@ from course_lib.parallel.pipeline_strategy import SCHEDULES, check_pipeline
 from course_lib.parallel.tensor_gpt import (
     TensorParallelGPT,
     check_tensor_parallel,
+    squared_grad_norms,
     sync_sequence_parallel_grads,
     tensor_parallelize,
 )
@@ -180,16 +181,7 @@ class Hybrid:
     @torch.no_grad()
     def grad_norm(self) -> float:
         """The global gradient norm: slices summed over tp, replicated ones once, stages over pp."""
-        device = next(self.parameters()).device
-        sliced = torch.zeros(1, dtype=torch.float64, device=device)
-        replicated = torch.zeros_like(sliced)
-        for _, p in self.owned:
-            if p.grad is not None:
-                square = p.grad.double().pow(2).sum()
-                if hasattr(p, "tp_shard"):
-                    sliced += square
-                else:  # equal on every tp rank of the stage: count it once
-                    replicated += square
+        sliced, replicated = squared_grad_norms([p for _, p in self.owned])
         dist.all_reduce(sliced, group=self.topology.tp_group)
         stage = sliced + replicated  # the same on every tp rank of this stage
         dist.all_reduce(stage, group=self.topology.pp_group)

@@ -283,6 +283,27 @@ def sync_sequence_parallel_grads(model: nn.Module, comm: TPComm) -> None:
         g.copy_(piece.view_as(g))
 
 
+def squared_grad_norms(params: list[nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chapter 6 (and 7's clipping): this rank's squared gradient norms, (sliced, replicated).
+
+    A parameter with a ``tp_shard`` is this rank's slice: its square must be summed over
+    the tensor-parallel group. Any other is whole and equal on every rank of the group:
+    count it once. Both are float64 tensors of shape (1,); parameters without a gradient
+    count 0.
+    """
+    device = params[0].device if params else torch.device("cpu")
+    sliced = torch.zeros(1, dtype=torch.float64, device=device)
+    replicated = torch.zeros_like(sliced)
+    for p in params:
+        if p.grad is not None:
+            square = p.grad.detach().double().pow(2).sum()
+            if hasattr(p, "tp_shard"):
+                sliced += square
+            else:
+                replicated += square
+    return sliced, replicated
+
+
 def _named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Every name of every parameter (a tied one under both names), as in state_dict()."""
     return list(model.named_parameters(remove_duplicate=False))

@@ -27,6 +27,7 @@ from course_lib.parallel.tensor_gpt import (
     check_tensor_parallel,
     gather_full_state_dict,
     load_full_state_dict,
+    squared_grad_norms,
     sync_sequence_parallel_grads,
     tensor_parallelize,
 )
@@ -76,15 +77,7 @@ class TensorParallelSync:
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """The global norm: the slices' squares summed over the group, replicated ones once."""
-        sliced = torch.zeros(1, dtype=torch.float64, device=self.named[0][1].device)
-        replicated = torch.zeros_like(sliced)
-        for _, p in self.named:
-            if p.grad is not None:
-                square = p.grad.detach().double().pow(2).sum()
-                if hasattr(p, "tp_shard"):
-                    sliced += square
-                else:
-                    replicated += square
+        sliced, replicated = squared_grad_norms([p for _, p in self.named])
         total = (all_reduce(sliced, self.comm) + replicated).sqrt().item()
         scale = min(1.0, max_norm / (total + 1e-6))
         for _, p in self.named:

@@ -516,10 +516,10 @@ def _grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tor
     return [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
-def _spread(flat: torch.Tensor) -> float:
+def _spread(flat: torch.Tensor, group: dist.ProcessGroup) -> float:
     """Largest distance of a rank's ``flat`` parameters from rank 0's, relative to rank 0's norm."""
-    everyone = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, flat)
+    everyone = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, flat, group=group)
     return max(float((t - everyone[0]).norm() / everyone[0].norm()) for t in everyone)
 
 
@@ -541,6 +541,7 @@ def source_scheme_worker(
     data, x_val, y_val = dataset.split("train"), *get_batch(dataset.split("val"), 8, SEQ_LEN, 7, 0)
     one = build_model(cfg, SEED, "cpu")  # one device, the whole batch (rank 0's only)
     dp = DataParallel(build_model(cfg, SEED, "cpu"), "bucketed", 25.0)
+    group, n = dp.group, dp.world_size  # the data-parallel ranks: every rank of this run
     local = build_model(cfg, SEED, "cpu")  # the source's local_model_params
     global_ = build_model(cfg, SEED, "cpu")  # the source's global_model_params
     rows = []
@@ -556,22 +557,22 @@ def source_scheme_worker(
                 _sgd(one, _grads(one, *get_batch(data, batch_size, SEQ_LEN, SEED, k)), lr)
             if k == batches_per_epoch - 1:  # end of epoch: aggregate the LAST batch only
                 for g in local_grads:
-                    dist.all_reduce(g)
-                    g.div_(ctx.world_size)
+                    dist.all_reduce(g, group=group)
+                    g.div_(n)
                 _sgd(global_, local_grads, lr)
             with torch.no_grad():
                 losses = {
                     name: loss_fn(m(x_val), y_val).item()
                     for name, m in [("one", one), ("dp", dp), ("local", local), ("global", global_)]
                 }
-            local_all = [torch.zeros(1) for _ in range(ctx.world_size)]
-            dist.all_gather(local_all, torch.tensor([losses["local"]]))
+            local_all = [torch.zeros(1) for _ in range(n)]
+            dist.all_gather(local_all, torch.tensor([losses["local"]]), group=group)
             rows.append({
                 "step": epoch * batches_per_epoch + k + 1,
                 **losses,
                 "local_per_rank": [float(t) for t in local_all],
-                "spread_local": _spread(_flat_params(local)),
-                "spread_dp": _spread(_flat_params(dp.module)),
+                "spread_local": _spread(_flat_params(local), group),
+                "spread_dp": _spread(_flat_params(dp.module), group),
                 "global_vs_dp": float((_flat_params(global_) - _flat_params(dp.module)).norm()
                                       / _flat_params(dp.module).norm()),
             })  # fmt: skip

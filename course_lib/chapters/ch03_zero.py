@@ -272,7 +272,7 @@ def _prefetch_run(
         data = torch.randint(0, model_config.vocab_size, (batch_size, seq_len + 1), generator=gen)
         counter.reset()
         timeline.reset()
-        dist.barrier()
+        dist.barrier(group=fsdp.group)  # start the clock together
         start = time.perf_counter()
         loss = train_step(fsdp, opt, fsdp, data[:, :-1], data[:, 1:], lr=LR, grad_clip=0.0)
         seconds.append(time.perf_counter() - start)

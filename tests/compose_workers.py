@@ -1,6 +1,7 @@
 """Workers for tests/test_compose.py (spawned ranks import them by name).
 
-One spawn at world size 4 runs every (dp, pp, tp) shape in turn, each on a new Topology;
+One spawn per world size runs every ((dp, pp, tp), sequence parallel, ZeRO stage) in turn,
+each on a new Topology;
 every rank also trains the single-device reference on the same global batch and returns
 (got, want) pairs that the test compares.
 """
@@ -14,7 +15,7 @@ from course_lib.topology import Topology
 
 CONFIG = GPTConfig(n_layer=4, n_head=4, n_embd=32, block_size=8, vocab_size=64, dropout=0.0,
                    tie_weights=True)  # fmt: skip
-GLOBAL_BATCH, STEPS, LR, CLIP = 16, 2, 0.5, 0.3  # CLIP below both norms: it binds
+GLOBAL_BATCH, STEPS, LR, CLIP = 16, 3, 0.5, 0.3  # CLIP below every norm: it binds
 
 
 def model() -> GPT:
@@ -29,10 +30,20 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1], tokens[:, 1:]  # (B, T) each
 
 
+def groups(params) -> list[dict]:
+    """Two optimizer groups, as training uses: weight decay on matrices only."""
+    params = list(params)
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+
+
+SGD = dict(lr=LR, momentum=0.9)  # SGD with momentum: linear in the gradients, so fp32
+# rounding stays as small as it is (AdamW's first step, g / sqrt(g^2), would blow a
+# near-zero gradient's noise up to lr)
+
+
 def optimizer(params) -> torch.optim.Optimizer:
-    """SGD with momentum: linear in the gradients, so fp32 rounding stays as small as it is
-    (AdamW's first step, g / sqrt(g^2), would blow a near-zero gradient's noise up to lr)."""
-    return torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=0.01)
+    return torch.optim.SGD(groups(params), **SGD)
 
 
 def reference() -> dict:
@@ -51,20 +62,21 @@ def reference() -> dict:
     return {"losses": losses, "norms": norms, "state": ref.state_dict()}
 
 
-def run_shape(shape: tuple[int, int, int], sp: bool, want: dict) -> dict:
+def run_shape(shape: tuple[int, int, int], sp: bool, zero: int, want: dict) -> dict:
     """STEPS steps of one (dp, pp, tp) shape; (got, want) of losses, norms and parameters."""
     dp, pp, tp = shape
     topology = Topology(dp, pp, tp)
     m = 2 * pp
     hybrid = parallelize(model(), topology, microbatches=m, sequence_parallel=sp,
-                         global_batch=GLOBAL_BATCH, seq_len=CONFIG.block_size)  # fmt: skip
-    opt = optimizer(list(hybrid.parameters()))
+                         zero_stage=zero, global_batch=GLOBAL_BATCH,
+                         seq_len=CONFIG.block_size)  # fmt: skip
+    hybrid.build_optimizer(torch.optim.SGD, groups(hybrid.parameters()), **SGD)
     losses, norms = [], []
     for step in range(STEPS):
         x, y = batch(step)
         rows = GLOBAL_BATCH // dp  # this replica's share of the global batch
         mine = slice(topology.dp_rank * rows, (topology.dp_rank + 1) * rows)
-        losses.append(hybrid.step(x[mine], y[mine], opt, LR, CLIP))  # this replica's rows
+        losses.append(hybrid.step(x[mine], y[mine], LR, CLIP))  # this replica's rows
         norms.append(hybrid.last_grad_norm)
     pieces = {}  # this rank's slice of every parameter it holds, beside the reference's
     for name, p in hybrid.named_parameters():
@@ -72,7 +84,12 @@ def run_shape(shape: tuple[int, int, int], sp: bool, want: dict) -> dict:
         ref = p.tp_shard.take(whole) if hasattr(p, "tp_shard") else whole
         pieces[name] = (p.detach().clone(), ref)
     full = hybrid.full_state_dict()
+    shard_numels = [zg.layout.shard_numel for zg in hybrid.zero_groups]
+    local_numel = sum(p.numel() for p in hybrid.parameters())
     return {
+        "memory": hybrid.memory_bytes(),
+        "shard_numels": shard_numels,
+        "local_numel": local_numel,
         "coords": (topology.dp_rank, topology.pp_rank, topology.tp_rank),
         "losses": (losses, want["losses"]),
         "norms": (norms, want["norms"]),
@@ -81,10 +98,10 @@ def run_shape(shape: tuple[int, int, int], sp: bool, want: dict) -> dict:
     }
 
 
-def every_shape(ctx, shapes: list[tuple[tuple[int, int, int], bool]]) -> list[dict]:
-    """Each ((dp, pp, tp), sequence_parallel) in turn on this rank: one result per shape."""
+def every_shape(ctx, shapes: list[tuple[tuple[int, int, int], bool, int]]) -> list[dict]:
+    """Each ((dp, pp, tp), sequence_parallel, zero) in turn on this rank: one result each."""
     torch.set_num_threads(1)
     want = reference()
-    out = [run_shape(shape, sp, want) for shape, sp in shapes]
+    out = [run_shape(shape, sp, zero, want) for shape, sp, zero in shapes]
     dist.barrier()
     return out

@@ -95,20 +95,107 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_pipeline_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("pipeline (chapter 5, --strategy pp)")
+    g = parser.add_argument_group("pipeline (chapter 5 --strategy pp; chapter 7 --pp)")
     g.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved", "zb"], default=None,
-                   help="the pipeline schedule (default 1f1b)")  # fmt: skip
+                   help="pipeline schedule (default 1f1b; with --pp: 1f1b or gpipe)")  # fmt: skip
     g.add_argument("--microbatches", type=int, default=None,
                    help="micro-batches per step (default: 2 per stage)")  # fmt: skip
     g.add_argument("--chunks", type=int, default=None,
-                   help="model chunks per rank, interleaved schedule (default 2)")  # fmt: skip
+                   help="model chunks per rank, interleaved schedule only (default 2)")  # fmt: skip
 
 
 def _add_tensor_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("tensor parallel (chapter 6, --strategy tp)")
+    g = parser.add_argument_group("tensor parallel (chapter 6 --strategy tp; chapter 7 --tp)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="split LayerNorm and dropout regions along the sequence "
                         "(Korthikanti et al., 2022)")  # fmt: skip
+
+
+def _add_grid_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "3D parallelism (chapter 7)",
+        "--dp D --pp P --tp T run D x P x T ranks (spawned, or under torchrun) with "
+        "--strategy hybrid; an axis left out is 1, --world-size may be left out",
+    )
+    g.add_argument("--dp", type=int, default=None,
+                   help="data-parallel replicas; each draws 1/D of the global batch")  # fmt: skip
+    g.add_argument("--pp", type=int, default=None,
+                   help="pipeline stages per replica (--schedule, --microbatches)")  # fmt: skip
+    g.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel ranks per stage; must divide --n-head; "
+                        "--sequence-parallel applies")  # fmt: skip
+    g.add_argument("--zero", type=int, default=None,
+                   help="ZeRO stage on the dp axis: 0 all-reduce, 1 optimizer state cut D ways, "
+                        "2 also the gradients (default 0)")  # fmt: skip
+
+
+class _Given(argparse.Action):
+    """Store the value and remember that the user gave the option (not its default)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = frozenset(getattr(namespace, "given", frozenset()) | {self.dest})
+
+
+GRID = ("dp", "pp", "tp")
+
+
+def _wants_grid(args: argparse.Namespace) -> bool:
+    """True for chapter 7's 3D strategy: a grid flag, or --strategy hybrid."""
+    return args.strategy == "hybrid" or any(getattr(args, a) is not None for a in GRID)
+
+
+def _check_grid_world(
+    args: argparse.Namespace, grid: tuple[int, int, int], under_torchrun: bool, error: Callable
+) -> None:
+    """The grid's ranks against --world-size, if given, or torchrun's WORLD_SIZE."""
+    given, (dp, pp, tp) = getattr(args, "given", frozenset()), grid
+    world = dp * pp * tp
+    launched = int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun else args.world_size
+    if under_torchrun and "world_size" in given:
+        error(f"under torchrun the world size is torchrun's (WORLD_SIZE={launched}); "
+              "drop --world-size")  # fmt: skip
+    if (under_torchrun or "world_size" in given) and launched != world:
+        from course_lib.topology import factorisations
+
+        valid = ", ".join(f"--dp {a} --pp {b} --tp {c}" for a, b, c in factorisations(launched))
+        what, fix = (f"torchrun started WORLD_SIZE={launched}", f"start {world} with torchrun")
+        if not under_torchrun:
+            what, fix = f"--world-size {launched}", "leave out --world-size (the grid sets it)"
+        error(f"--dp {dp} x --pp {pp} x --tp {tp} = {world} ranks, but {what}; {fix}, or "
+              f"fill {launched} ranks: {valid}")  # fmt: skip
+
+
+def _check_grid(args: argparse.Namespace, under_torchrun: bool, error: Callable) -> None:
+    """Chapter 7: check the grid before any rank starts; set strategy, world size, options."""
+    given = getattr(args, "given", frozenset())
+    flags = " ".join(f"--{a} {getattr(args, a)}" for a in GRID if getattr(args, a) is not None)
+    if "strategy" in given and args.strategy != "hybrid":
+        error(f"--strategy {args.strategy} contradicts {flags}: the grid flags run chapter 7's "
+              f"3D strategy (--strategy hybrid); drop --strategy {args.strategy}, or drop the "
+              "grid flags and give --world-size N")  # fmt: skip
+    if args.chunks is not None:
+        error("--chunks needs the interleaved schedule, which is not composed with --dp/--tp; "
+              "drop --chunks, or use --strategy pp")  # fmt: skip
+    for axis in GRID:
+        if getattr(args, axis) is not None and getattr(args, axis) < 1:
+            error(f"--{axis} must be >= 1 (ranks on that axis), got {getattr(args, axis)}")
+    dp, pp, tp = (getattr(args, a) or 1 for a in GRID)
+    _check_grid_world(args, (dp, pp, tp), under_torchrun, error)
+    from course_lib.parallel.hybrid_strategy import check_hybrid_run
+
+    options = dict(dp=dp, pp=pp, tp=tp, schedule=args.schedule or "1f1b",
+                   sequence_parallel=args.sequence_parallel, zero=args.zero or 0)  # fmt: skip
+    try:
+        model_config, train_config = _configs(args)
+        options["microbatches"] = check_hybrid_run(
+            model_config, **options, microbatches=args.microbatches,
+            batch_size=train_config.batch_size, seq_len=train_config.seq_len,
+        )  # fmt: skip
+    except ValueError as err:
+        error(str(err))
+    args.strategy, args.strategy_options = "hybrid", options
+    args.world_size = 1 if under_torchrun else dp * pp * tp
 
 
 def _tensor_options(args: argparse.Namespace, world: int, error: Callable) -> dict[str, Any]:
@@ -167,13 +254,17 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
         "--strategy",
         choices=sorted(STRATEGIES),
         default="single",
-        help="how a training step runs (course_lib.train.STRATEGIES); later chapters add more",
+        action=_Given,
+        help="how a training step runs (course_lib.train.STRATEGIES); --dp/--pp/--tp imply "
+        "'hybrid' (chapter 7)",
     )
     g.add_argument(
         "--world-size",
         type=int,
         default=1,
-        help="processes to spawn, for strategies that run several ranks",
+        action=_Given,
+        help="processes to spawn, for strategies that run several ranks; with --dp/--pp/--tp "
+        "their product (leave it out)",
     )
     g.add_argument(
         "--timeout-s", type=float, default=24 * 3600.0, help="hard deadline of spawned ranks"
@@ -202,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_run_args,
         _add_pipeline_args,
         _add_tensor_args,
+        _add_grid_args,
     ):
         add(train_parser)
     train_parser.set_defaults(func=cmd_train, error=train_parser.error)
@@ -256,6 +348,12 @@ def _check_launch(args: argparse.Namespace, error: Callable[[str], NoReturn]) ->
         error(f"--resume but there is no checkpoint in {args.out / CHECKPOINT_NAME}; "
               "run without --resume")  # fmt: skip
     under_torchrun = _torchrun_env_present()
+    if _wants_grid(args):
+        _check_grid(args, under_torchrun, error)
+        return under_torchrun
+    if args.zero is not None:
+        error("--zero is the ZeRO stage of the 3D strategy's dp axis: give the grid with --dp "
+              "D (and --pp, --tp); for ZeRO alone use --strategy zero1|zero2|zero3")  # fmt: skip
     if under_torchrun:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if args.world_size != 1:

@@ -420,6 +420,7 @@ STRATEGIES: dict[str, str] = {
     "ps-ssp": "course_lib.parallel.parameter_server:ps_ssp",  # chapter 4: bounded staleness
     "pp": "course_lib.parallel.pipeline_strategy:pipeline_strategy",  # chapter 5: pipeline
     "tp": "course_lib.parallel.tensor_strategy:tensor_strategy",  # chapter 6: tensor parallel
+    "hybrid": "course_lib.parallel.hybrid_strategy:hybrid_strategy",  # chapter 7: dp x pp x tp
 }
 
 

@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from course_lib.__main__ import build_parser, main
+from course_lib.__main__ import _check_launch, build_parser, main
 
 TINY_ARGS = [
     "train", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
@@ -86,3 +87,62 @@ def test_bad_arguments_are_argparse_errors(tmp_path, capsys, extra, message):
         main([*TINY_ARGS, "--out", str(tmp_path / "run"), *extra])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# Chapter 7: the grid flags --dp --pp --tp (--strategy hybrid), checked before any rank starts
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dp", "2", "--tp", "2", "--world-size", "3"],
+         "--dp 2 x --pp 1 x --tp 2 = 4 ranks, but --world-size 3"),
+        (["--strategy", "hybrid", "--world-size", "2"], "fill 2 ranks: --dp 2 --pp 1 --tp 1"),
+        (["--tp", "3"], "tp=3 does not divide n_head=2"),
+        (["--dp", "2", "--zero", "3"], "zero_stage=3"),
+        (["--dp", "2", "--pp", "0"], "--pp must be >= 1"),
+        (["--pp", "2", "--schedule", "zb"], "schedule 'zb' is not composed"),
+        (["--pp", "2", "--chunks", "2"], "--chunks needs the interleaved schedule"),
+        (["--dp", "2", "--microbatches", "4"], "divisible by 8"),
+        (["--strategy", "tp", "--tp", "2"], "--strategy tp contradicts --tp 2"),
+        (["--strategy", "dp", "--dp", "2", "--world-size", "2"], "--strategy dp contradicts"),
+        (["--strategy", "zero1", "--zero", "1", "--world-size", "2"], "--zero is the ZeRO stage"),
+    ],
+)  # fmt: skip
+def test_bad_grids_are_argparse_errors_before_any_rank_starts(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TINY_ARGS, "--out", str(tmp_path / "run"), *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_grid_flags_run_the_3d_strategy_with_the_single_device_losses(tmp_path):
+    args = [*TINY_ARGS, "--sample-tokens", "0", "--steps", "3", "--eval-interval", "3",
+            "--timeout-s", "120"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    assert main([*args, "--dp", "2", "--pp", "1", "--tp", "2", "--out", str(tmp_path / "3d")]) == 0
+    single, hybrid = (
+        json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("single", "3d")
+    )
+    assert hybrid["strategy"] == "hybrid"
+    losses = [[m["loss"] for m in run["metrics"]] for run in (hybrid, single)]
+    assert len(losses[0]) == 3
+    torch.testing.assert_close(*losses, rtol=1.3e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, world, options",
+    [
+        (["--dp", "2", "--pp", "2", "--tp", "2", "--zero", "1"], 8,
+         dict(dp=2, pp=2, tp=2, zero=1, microbatches=4, schedule="1f1b")),
+        (["--strategy", "hybrid", "--tp", "2", "--world-size", "2", "--sequence-parallel"], 2,
+         dict(dp=1, pp=1, tp=2, zero=0, microbatches=2, sequence_parallel=True)),
+        (["--pp", "2", "--schedule", "gpipe", "--microbatches", "4"], 2,
+         dict(dp=1, pp=2, tp=1, microbatches=4, schedule="gpipe")),
+    ],
+)  # fmt: skip
+def test_grid_flags_choose_the_3d_strategy_and_its_world(tmp_path, extra, world, options):
+    shape = ["--n-layer", "2", "--batch-size", "8"]  # two blocks for two stages
+    args = _train_parser().parse_args([*TINY_ARGS[1:], *shape, "--out", str(tmp_path), *extra])
+    assert _check_launch(args, args.error) is False  # not under torchrun
+    assert args.strategy == "hybrid" and args.world_size == world
+    assert options.items() <= args.strategy_options.items()

@@ -61,6 +61,7 @@ PALETTE: dict[str, str] = {
     "ps-ssp": _PINK,
     "pp": SEQUENCE[9],  # cyan: chapter 5's pipeline parallelism
     "tp": SEQUENCE[8],  # olive: chapter 6's tensor parallelism
+    "hybrid": "#1a1a1a",  # near-black: chapter 7's dp x pp x tp grid, every axis at once
     # Pipeline actions (chapter 5), keyed by Action.op: forward, backward (the input
     # gradient when W is split off), weight gradient; and a rank's idle time (the bubble).
     "F": _BLUE,

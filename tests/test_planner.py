@@ -54,6 +54,19 @@ def test_pipeline_stages_sum_to_the_model(config, tp, pp):
     assert sum(stages) == parameter_count_per_rank(config, tp) + tied_copy
 
 
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_the_busiest_stage_is_the_max_of_memory_per_stage(zero):
+    c = P.Choice(dp=2, pp=4, tp=1, microbatches=4, zero=zero)
+    stages = P.memory_per_stage(UNTIED, c, 2, 64, precision="fp32", uneven=True)
+    assert len(stages) == 4 and [s["stage"] for s in stages] == [0, 1, 2, 3]
+    busiest = P.memory_per_gpu(UNTIED, c, 2, 64, precision="fp32", uneven=True)
+    assert busiest == max(stages, key=lambda s: s["total"])
+    pairs = PM.stage_group_counts(UNTIED, 1, 4, uneven=True)
+    for s, pair in zip(stages, pairs, strict=True):
+        padded = sum(-(-n // 2) * 2 for n in pair)  # each group's flat buffer, to a multiple of 2
+        assert s["params"] == 4 * (padded if zero else sum(pair))
+
+
 def test_pp_not_dividing_layers_is_refused_unless_uneven():
     with pytest.raises(ValueError, match="pp=3 does not divide n_layer=4"):
         PM.stage_parameter_counts(TINY, 1, 3)

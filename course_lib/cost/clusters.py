@@ -44,6 +44,11 @@ class Cluster:
     default_mfu: float  # fraction of the peak the model's FLOPs reach (1.0 if measured)
     max_nodes: int | None  # how many nodes exist (None: as many as asked for)
     source: str  # where the numbers come from
+    # seconds per parameter of the (elementwise) optimizer step on ONE GPU; 0: free. On a
+    # GPU AdamW reads and writes ~28 bytes per parameter at HBM speed (~10 ps/param at
+    # 3 TB/s: milliseconds for billions of parameters), so 0 there; on the laptop's CPU
+    # it is measured and matters.
+    optimizer_s_per_param: float = 0.0
 
     def __post_init__(self) -> None:
         if (
@@ -70,6 +75,11 @@ class Cluster:
             raise ValueError(
                 f"Cluster {self.name!r}: default_mfu must be in (0, 1], got {self.default_mfu!r}"
             )
+        if not self.optimizer_s_per_param >= 0:
+            raise ValueError(
+                f"Cluster {self.name!r}: optimizer_s_per_param must be >= 0 s, "
+                f"got {self.optimizer_s_per_param!r}"
+            )
         if self.max_nodes is not None and self.max_nodes < 1:
             raise ValueError(f"Cluster {self.name!r}: max_nodes must be >= 1 or None")
 
@@ -91,28 +101,38 @@ class Cluster:
 
 
 # --- this machine (the course's 2-core CPU box): MEASURED on the course machine ---------
-# notebooks/01_collectives.ipynb (stored outputs): ring_all_reduce fitted at N = 2 (gloo,
-# one thread per rank): alpha = 426.8 us per message, beta = 0.985 ns/B (1.02 GB/s). The
-# ping-pong fit of the same chapter gives alpha 63.9 us, 2.82 GB/s; the planner predicts
-# ring collectives, so it takes the ring's fit.
+# Measured the way chapter 7 times its runs: benchmarks/hybrid.py's calibration
+# (course_lib.cost.measure_hybrid.calibrate), 4 ranks with one torch thread each sharing
+# the 2 cores, 2026-12-02 11:45 UTC, load average 0.65 (other sessions' tests were
+# running on and off: run-to-run spread about +-30 %). Per rank, the slowest of the 4:
+# - FLOP/s: the plain GPT (4 layers, d 256, seq 64) forward + backward on 4 sequences on
+#   every rank at once: 2.3e10 per rank, so 9.2e10 for the 4 ranks together;
+# - optimizer: gradient clipping + AdamW's step: 9.2 ns per parameter;
+# - ring: chapter 1's ring all-reduce over two pairs side by side, 4 KiB to 4 MiB,
+#   fitted (fit_alpha_beta): alpha 1623 us per message, beta 0.579 ns/B (1.73 GB/s).
+# The earlier constants (notebooks 00 and 01: 237.5 GFLOP/s for 2 threads on a larger
+# model, a ring alone at world 2: alpha 426.8 us, 0.985 ns/B, a free optimizer) predicted
+# chapter 7's world-4 steps 2.3-3.3x too fast: they were measured differently.
 LAPTOP_RING = Link(
-    "gloo on this machine (ring fit)",
-    alpha_s=426.8e-6,
-    bandwidth_bytes_per_s=1 / 0.985e-9,
-    source="measured on the course machine: notebooks/01_collectives.ipynb, ring all-reduce "
-    "fit at world 2 (alpha 426.8 us, beta 0.985 ns/B)",
+    "gloo on this machine (ring fit, pairs at world 4)",
+    alpha_s=1623e-6,
+    bandwidth_bytes_per_s=1 / 0.579e-9,
+    source="measured on the course machine: benchmarks/hybrid.py calibration, chapter 1's "
+    "ring all-reduce over two pairs side by side at world 4 (alpha 1623 us, beta 0.579 ns/B)",
 )
-# notebooks/00_why_parallel.ipynb (stored outputs): best training throughput 237.5 GFLOP/s
-# (medium GPT, 2 threads, the whole CPU). Memory: /proc/meminfo MemTotal 24,684,084 kB.
-LAPTOP_FLOPS = 237.5e9  # FLOP/s of the whole CPU, measured (already "achieved": MFU 1)
-LAPTOP_MEMORY = 24_684_084 * 1024  # bytes of RAM of the course machine
+LAPTOP_FLOPS = 4 * 2.3e10  # FLOP/s of 4 one-thread ranks together, measured ("achieved": MFU 1)
+LAPTOP_OPTIMIZER_S_PER_PARAM = 9.2e-9  # clip + AdamW, one rank of 4, measured
+LAPTOP_MEMORY = 24_684_084 * 1024  # bytes of RAM of the course machine (/proc/meminfo)
 
 
 def laptop_cluster(world_size: int = 4) -> Cluster:
     """Chapter 7: this machine with ``world_size`` ranks sharing its cores and memory.
 
     The measured FLOP/s and RAM are divided among the ranks (world 4 oversubscribes the
-    2 cores: each rank gets a quarter). One node; every link is gloo's measured ring.
+    2 cores: each rank gets a quarter). One node; every link is gloo's measured ring. The
+    constants were measured at world 4 (see the comment above ``LAPTOP_RING``): other
+    world sizes are an extrapolation, and the optimizer's cost per parameter is taken as
+    at world 4 times 4 / ``world_size`` (the same share of the cores per rank).
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
@@ -125,7 +145,8 @@ def laptop_cluster(world_size: int = 4) -> Cluster:
         inter=LAPTOP_RING,
         default_mfu=1.0,
         max_nodes=1,
-        source="measured on the course machine (chapters 0 and 1 stored outputs)",
+        source="measured on the course machine (benchmarks/hybrid.py calibration)",
+        optimizer_s_per_param=LAPTOP_OPTIMIZER_S_PER_PARAM * 4 / world_size,
     )
 
 
@@ -298,6 +319,24 @@ PUBLISHED_RUNS: tuple[PublishedRun, ...] = (
         source="[SP] Tables 3 and 5",
         checked=False,
         note="unchecked: quoted from memory",
+    ),
+    PublishedRun(
+        "Korthikanti 530B (2240 A100)",
+        _megatron(105, 20480, 128),
+        A100_CLUSTER,
+        2240,
+        batch=2240,
+        seq=2048,
+        dp=8,
+        pp=35,
+        tp=8,
+        reported="MFU 54.2% (sequence parallel + selective recomputation); 42.1% with "
+        "full recomputation",
+        source="[SP] abstract (GPUs, MFU) and Tables 3 and 5 (configuration)",
+        checked=False,
+        note="abstract checked (530B GPT-3 style model, 2240 A100 GPUs, MFU 54.2% against "
+        "42.1% with recomputation); the shape (105 layers, d 20480, 128 heads), the batch "
+        "and tp 8 x pp 35 x dp 8 are from memory of Tables 3 and 5: unchecked",
     ),
     PublishedRun(
         "Llama 3 405B (8192 H100)",

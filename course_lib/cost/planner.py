@@ -23,6 +23,7 @@ from course_lib.cost.planner_model import (  # noqa: F401 (re-exported)
     Choice,
     as_gpt_config,
     memory_per_gpu,
+    memory_per_stage,
     step_time,
 )
 from course_lib.model import GPTConfig, flops_per_token

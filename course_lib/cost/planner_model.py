@@ -13,15 +13,21 @@ Memory of the busiest pipeline stage (the max over stages):
     the first stage, final norm and head on the last; with tied weights the last stage
     keeps a copy of the embedding), times the bytes per parameter of
     :data:`~course_lib.cost.cost_model.PRECISIONS`, cut over dp by ZeRO as chapter 3's
-    :func:`~course_lib.parallel.zero.zero_memory_formula`. ZeRO-3 also holds two gathered
-    blocks (the running one and the prefetched next), chapter 3's working buffers;
+    :func:`~course_lib.parallel.zero.zero_memory_formula`, with each of AdamW's two
+    groups (matrices decayed, vectors not) padded to a multiple of dp as chapter 7's flat
+    ZeRO buffers are. ZeRO-3 also holds two gathered blocks (the running one and the
+    prefetched next), chapter 3's working buffers. For fp32 AdamW this equals, to the
+    byte, what every rank of :class:`~course_lib.parallel.compose.Hybrid` holds
+    (:func:`memory_per_stage` gives each stage; tests/test_planner_measured.py);
   - activations: one micro-batch's bytes on the stage (chapter 6's
     :func:`~course_lib.cost.tensor_model.tp_activation_terms`, flash attention: no
     s x s scores are kept, so Korthikanti's 5·a·s²·b term is absent) times the
     micro-batches in flight on that stage (chapter 5's
     :func:`~course_lib.parallel.pipeline_sim.peak_activations`: 1F1B holds p - r on stage r,
     GPipe m). With full recomputation a block keeps only its input, (b, T, d) (/tp with
-    SP), plus one block's full activations while it is recomputed.
+    SP), plus one block's full activations while it is recomputed. Without
+    recomputation this equals the measured peak of saved storages on every rank of
+    every world-4 configuration (:mod:`course_lib.cost.measure_hybrid`).
 Step time (stated assumptions, in every :class:`Plan`'s ``overlap``):
   - compute: ``model.flops_per_token`` (6N + 12·L·d·T; x 4/3 with recomputation, one
     more forward) at ``peak x mfu``; each stage computes its own blocks (+ the head);
@@ -37,7 +43,10 @@ Step time (stated assumptions, in every :class:`Plan`'s ``overlap``):
     all-gather, the same bytes; ZeRO-3: one more all-gather) by chapter 1's
     :func:`~course_lib.cost.comm_model.predict`, on the inter-node link when the run spans
     nodes. ``dp_overlap="last_bucket"``: it hides under the last micro-batch's backward
-    except the last bucket; ``"none"``: all of it is exposed. The optimizer step is free.
+    except the last bucket; ``"none"``: all of it is exposed;
+  - the optimizer step: ``cluster.optimizer_s_per_param`` per parameter this rank updates
+    (the stage's, or its 1/dp piece under ZeRO), after everything else: 0 on the GPU
+    clusters (memory-bound, negligible), measured on the laptop.
 """
 
 from __future__ import annotations
@@ -107,6 +116,30 @@ def as_gpt_config(model: GPTConfig | ModelShape, vocab_size: int = 51200) -> GPT
 # ---------------------------------------------------------------------------------------
 
 
+def stage_group_counts(
+    config: GPTConfig, tp: int, pp: int, *, uneven: bool = False
+) -> list[tuple[int, int]]:
+    """Chapter 7: (matrix, vector) parameter elements one rank of each stage holds at ``tp``.
+
+    AdamW's two groups (:func:`course_lib.train.optimizer_groups`): the >= 2-D weights,
+    decayed (the blocks' four linear weights, ``wte``'s (V_pad/tp, d) shard, ``wpe``, the
+    last stage's head or tied copy) and the rest, not decayed (biases, LayerNorms).
+    Stages as :func:`stage_parameter_counts`, whose counts are these pairs summed. ZeRO
+    lays each group out flat and pads it to a multiple of dp, so the split matters.
+    """
+    totals = stage_parameter_counts(config, tp, pp, uneven=uneven)
+    d = config.n_embd
+    block = 3 * d // tp * d + d * (d // tp) + 4 * d // tp * d + d * (4 * d // tp)
+    vocab_shard = tm.padded_vocab(config.vocab_size, tp) // tp * d
+    head = vocab_shard if (not config.tie_weights or pp > 1) else 0
+    out = []
+    for r, blocks in enumerate(split_blocks(config.n_layer, pp)):
+        matrices = len(blocks) * block
+        matrices += (vocab_shard + config.block_size * d) * (r == 0) + head * (r == pp - 1)
+        out.append((matrices, totals[r] - matrices))
+    return out
+
+
 def stage_parameter_counts(
     config: GPTConfig, tp: int, pp: int, *, uneven: bool = False
 ) -> list[int]:
@@ -136,21 +169,46 @@ def stage_parameter_counts(
     return counts
 
 
-def state_bytes(psi: float, dp: int, zero: int, precision: str = "mixed") -> dict[str, float]:
+def state_bytes(
+    psi: float,
+    dp: int,
+    zero: int,
+    precision: str = "mixed",
+    *,
+    groups: tuple[int, ...] | None = None,
+) -> dict[str, float]:
     """Chapter 7: params, grads and optimizer bytes of ``psi`` parameters under ZeRO.
 
     Chapter 3's :func:`~course_lib.parallel.zero.zero_memory_formula` (fp32, K bytes of
     optimizer state) with the bytes of ``PRECISIONS[precision]``: "fp32" 4 + 4 + 8,
     "mixed" 2 + 2 + 12 (master weights counted as optimizer state).
+
+    ``groups`` (the element count of each optimizer group, summing to ``psi``) makes it
+    the bytes chapter 7's :class:`~course_lib.parallel.compose.Hybrid` really holds:
+    under ZeRO each group is one flat buffer padded to a multiple of dp
+    (:class:`~course_lib.flat.FlatLayout`). The parameters live in the padded buffers;
+    ZeRO-1 keeps the reduced gradients in a padded buffer too; the optimizer state (and
+    ZeRO-2's gradient, ZeRO-3's parameters) is one 1/dp piece of each. Exact, to the
+    byte, for fp32 AdamW (tests/test_planner_measured.py).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     b = PRECISIONS[precision]
-    z = zero_memory_formula(psi, dp, zero, k=b.optimizer + b.master)  # type: ignore[arg-type]
+    if groups is None:
+        z = zero_memory_formula(psi, dp, zero, k=b.optimizer + b.master)  # type: ignore[arg-type]
+        return {
+            "params": z["params"] * b.param / 4,
+            "grads": z["grads"] * b.grad / 4,
+            "optimizer": z["optimizer"],
+        }
+    if sum(groups) != psi:
+        raise ValueError(f"the groups {groups} must sum to psi={psi}")
+    whole = sum(-(-n // dp) * dp for n in groups) if zero else psi  # padded flat buffers
+    piece = whole / dp if zero else psi  # this replica's 1/dp of each
     return {
-        "params": z["params"] * b.param / 4,
-        "grads": z["grads"] * b.grad / 4,
-        "optimizer": z["optimizer"],
+        "params": b.param * (piece if zero >= 3 else whole),
+        "grads": b.grad * (piece if zero >= 2 else whole),
+        "optimizer": (b.optimizer + b.master) * piece,
     }
 
 
@@ -185,6 +243,45 @@ def _activation_split(
     return blocks, first, last, kept
 
 
+def memory_per_stage(
+    config: GPTConfig,
+    c: Choice,
+    micro_batch: int,
+    seq: int,
+    *,
+    precision: str = "mixed",
+    uneven: bool = False,
+) -> list[dict[str, float]]:
+    """Chapter 7: bytes on one GPU of each pipeline stage, by kind (see the module docstring).
+
+    One dict per stage: ``params, grads, optimizer`` (:func:`state_bytes` of the stage's
+    two AdamW groups, ZeRO padding included), ``zero3_buffers``, ``activations`` (one
+    micro-batch's saved bytes on the stage, :func:`~course_lib.cost.tensor_model.
+    tp_activation_terms` cut as the stages are, times the micro-batches the schedule keeps
+    alive there, :func:`in_flight`), ``total`` and ``stage``. Every rank of a stage holds
+    the same (tp slices are equal; dp pieces are equal, padding included).
+    """
+    s = PRECISIONS[precision].param  # activations in the weights' dtype
+    groups = stage_group_counts(config, c.tp, c.pp, uneven=uneven)
+    block_params = tm.parameter_count_per_rank(
+        dataclasses.replace(config, n_layer=2), c.tp
+    ) - tm.parameter_count_per_rank(dataclasses.replace(config, n_layer=1), c.tp)
+    per_block, first, last, kept = _activation_split(config, micro_batch, seq, c, s)
+    alive = in_flight(c.schedule, c.pp, c.microbatches)
+    out = []
+    for r, (pair, blocks) in enumerate(
+        zip(groups, split_blocks(config.n_layer, c.pp), strict=True)
+    ):
+        mem = state_bytes(sum(pair), c.dp, c.zero, precision, groups=pair)
+        mem["zero3_buffers"] = 2 * block_params * s if c.zero == 3 and c.dp > 1 else 0
+        one = (kept if c.recompute else per_block) * len(blocks)
+        one += first * (r == 0) + last * (r == c.pp - 1)
+        mem["activations"] = one * alive[r] + (per_block if c.recompute else 0)
+        mem["total"] = sum(mem.values())
+        out.append({**mem, "stage": r})
+    return out
+
+
 def memory_per_gpu(
     config: GPTConfig,
     c: Choice,
@@ -196,27 +293,11 @@ def memory_per_gpu(
 ) -> dict[str, float]:
     """Chapter 7: bytes on one GPU of the busiest stage, by kind (see the module docstring).
 
-    Returns ``params, grads, optimizer, zero3_buffers, activations, total`` and ``stage``
-    (the index of the busiest stage).
+    The stage of :func:`memory_per_stage` with the largest total. Returns ``params, grads,
+    optimizer, zero3_buffers, activations, total`` and ``stage`` (its index).
     """
-    s = PRECISIONS[precision].param  # activations in the weights' dtype
-    counts = stage_parameter_counts(config, c.tp, c.pp, uneven=uneven)
-    block_params = tm.parameter_count_per_rank(
-        dataclasses.replace(config, n_layer=2), c.tp
-    ) - tm.parameter_count_per_rank(dataclasses.replace(config, n_layer=1), c.tp)
-    per_block, first, last, kept = _activation_split(config, micro_batch, seq, c, s)
-    alive = in_flight(c.schedule, c.pp, c.microbatches)
-    best: dict[str, float] = {}
-    for r, (psi, blocks) in enumerate(zip(counts, split_blocks(config.n_layer, c.pp), strict=True)):
-        mem = state_bytes(psi, c.dp, c.zero, precision)
-        mem["zero3_buffers"] = 2 * block_params * s if c.zero == 3 and c.dp > 1 else 0
-        one = (kept if c.recompute else per_block) * len(blocks)
-        one += first * (r == 0) + last * (r == c.pp - 1)
-        mem["activations"] = one * alive[r] + (per_block if c.recompute else 0)
-        mem["total"] = sum(mem.values())
-        if not best or mem["total"] > best["total"]:
-            best = {**mem, "stage": r}
-    return best
+    stages = memory_per_stage(config, c, micro_batch, seq, precision=precision, uneven=uneven)
+    return max(stages, key=lambda m: m["total"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,7 +327,7 @@ def step_time(
     Returns ``compute`` (the slowest stage's F + B over all its micro-batches), ``tp``
     and ``pp_p2p`` (the same stage's, on the critical path), ``bubble`` (idle fill and
     drain), ``bubble_fraction``, ``dp`` (the whole data-parallel collective),
-    ``dp_exposed`` (what is not hidden) and ``step``.
+    ``dp_exposed`` (what is not hidden), ``optimizer`` (the update) and ``step``.
     """
     if dp_overlap not in ("last_bucket", "none"):
         raise ValueError(f"dp_overlap must be 'last_bucket' or 'none', got {dp_overlap!r}")
@@ -291,8 +372,17 @@ def step_time(
     out.update(
         _dp_seconds(config, cluster, c, compute_mb, dp_overlap, bucket_bytes, precision, uneven)
     )
-    out["step"] = per_mb * (m + p - 1) + out["dp_exposed"]
+    out["optimizer"] = cluster.optimizer_s_per_param * _updated_params(config, c, uneven)
+    out["step"] = per_mb * (m + p - 1) + out["dp_exposed"] + out["optimizer"]
     return out
+
+
+def _updated_params(config: GPTConfig, c: Choice, uneven: bool) -> float:
+    """Parameters the optimizer updates on a rank of the largest stage (1/dp under ZeRO)."""
+    stages = stage_group_counts(config, c.tp, c.pp, uneven=uneven)
+    if not c.zero:
+        return max(sum(pair) for pair in stages)
+    return max(sum(-(-n // c.dp) for n in pair) for pair in stages)  # padded pieces
 
 
 def _dp_seconds(

@@ -41,7 +41,6 @@ from course_lib.cost import clusters as C
 from course_lib.cost import measure_hybrid as MH
 from course_lib.cost import planner as P
 from course_lib.cost.planner_model import Choice
-from course_lib.cost.tensor_model import Link
 from course_lib.model import GPTConfig
 
 MODEL = GPTConfig(n_layer=4, n_head=8, n_embd=256, block_size=64, vocab_size=256, dropout=0.0)
@@ -70,19 +69,6 @@ def choices(smoke: bool) -> list[Choice]:
                 Choice(1, 2, 2, 4, sequence_parallel=True), Choice(4, 1, 1, 1, zero=1),
                 Choice(4, 1, 1, 1, zero=2), Choice(1, 1, 4, 1, sequence_parallel=True)]  # fmt: skip
     return out
-
-
-def calibrated_cluster(cal: dict, key: str) -> C.Cluster:
-    """This machine at world 4 with the constants measured in this run."""
-    fit = cal[key]
-    link = Link(f"gloo ring, calibrated ({key})", alpha_s=fit["alpha_s"],
-                bandwidth_bytes_per_s=1 / max(fit["beta"], 1e-15),
-                source="benchmarks/hybrid.py calibration")  # fmt: skip
-    return C.Cluster("this machine, calibrated now", gpus_per_node=4,
-                     memory_bytes=C.LAPTOP_MEMORY // 4, peak_flops=cal["flop_s"], intra=link,
-                     inter=link, default_mfu=1.0, max_nodes=1,
-                     source="benchmarks/hybrid.py calibration",
-                     optimizer_s_per_param=cal["optimizer_s_per_param"])  # fmt: skip
 
 
 def by_config(compared: list[dict]) -> list[list[dict]]:
@@ -209,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                              warmup=warmup, sim_flop_s=SIM_FLOP_S)  # fmt: skip
     load1 = os.getloadavg()
     stored = C.laptop_cluster(4)
-    cluster = calibrated_cluster(cal, "pairs")
+    cluster = MH.calibrated_cluster(cal, 4, "pairs")
     sim_cluster = dataclasses.replace(cluster, name="simulated", peak_flops=SIM_FLOP_S)
     text = "\n\n".join([
         f"{__doc__.splitlines()[0]}\n\nrun {started}; {os.cpu_count()} cores; load average "

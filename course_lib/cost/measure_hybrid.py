@@ -29,6 +29,7 @@ import them by name (a notebook's own functions cannot be spawned).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 import time
@@ -38,9 +39,10 @@ import torch
 import torch.distributed as dist
 
 from course_lib import collectives as C
-from course_lib.cost.clusters import Cluster
+from course_lib.cost.clusters import Cluster, laptop_cluster
 from course_lib.cost.comm_model import alpha_beta_terms, fit_alpha_beta
 from course_lib.cost.planner_model import Choice, memory_per_stage, step_time
+from course_lib.cost.tensor_model import Link
 from course_lib.launch import run_distributed
 from course_lib.model import GPT, GPTConfig, flops_per_token
 from course_lib.parallel.compose import Hybrid, parallelize
@@ -440,3 +442,38 @@ def calibrate(
         alpha, beta = fit_alpha_beta(list(sizes), seconds, messages, factor)
         out[key] = {"alpha_s": alpha, "beta": beta, "seconds": seconds}
     return out
+
+
+def calibrated_cluster(
+    constants: dict[str, Any], world_size: int = 4, fit: str = "pairs"
+) -> Cluster:
+    """Chapter 7: this machine as the planner sees it, from :func:`calibrate`'s constants.
+
+    FLOP/s per rank, the optimizer's seconds per parameter and the ring's alpha and beta
+    replace :func:`~course_lib.cost.clusters.laptop_cluster`'s stored ones. ``fit`` picks
+    the ring fit: ``"pairs"`` (groups of two side by side, as most world-4 configurations'
+    groups run) or ``"world"`` (one ring over all ranks).
+    """
+    if fit not in ("pairs", "world"):
+        raise ValueError(f"fit must be 'pairs' or 'world', got {fit!r}")
+    ring = constants[fit]
+    if ring["beta"] <= 0:
+        raise ValueError(
+            f"the {fit} ring fit gave beta = {ring['beta']} s/B (no bandwidth term): the "
+            "timings were too noisy; run calibrate() again on a quieter machine"
+        )
+    stored = laptop_cluster(world_size)
+    link = Link(f"gloo ring on this machine ({fit} fit)", alpha_s=max(ring["alpha_s"], 0.0),
+                bandwidth_bytes_per_s=1 / ring["beta"],
+                source="measured by measure_hybrid.calibrate in this run")  # fmt: skip
+    return dataclasses.replace(
+        stored,
+        peak_flops=constants["flop_s"],
+        optimizer_s_per_param=constants.get(
+            "optimizer_s_per_param", stored.optimizer_s_per_param
+        ),  # fmt: skip
+        intra=link,
+        inter=link,
+        name=f"this machine ({world_size} ranks, calibrated)",
+        source="measured by measure_hybrid.calibrate in this run",
+    )

@@ -20,6 +20,10 @@ its core to the others), so a second run adds SIMULATED compute: each pipeline a
 sleeps the planner's FLOPs of its stage at a slow simulated rate, on a tiny model, and
 the planner is fed that rate. Labelled "simulated" in the table.
 
+Beside ours, torch's own 2-D composition at dp2 x tp2 (DTensor tensor parallelism on the
+mesh's "tp" dimension, FSDP2 ``fully_shard`` on "dp": :mod:`course_lib.parallel.torch_hybrid`)
+on the same model and batches: same losses, then the ratio of step times.
+
 Then "on paper, at scale": the planner's choice for the published runs of
 ``clusters.PUBLISHED_RUNS`` beside the configuration they chose and what they reported,
 with the source and whether it was checked.
@@ -32,16 +36,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import statistics
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from course_lib.cost import clusters as C
 from course_lib.cost import measure_hybrid as MH
 from course_lib.cost import planner as P
+from course_lib.cost.measure_hybrid import build_hybrid
 from course_lib.cost.planner_model import Choice
-from course_lib.model import GPTConfig
+from course_lib.launch import DistContext, run_distributed
+from course_lib.model import GPT, GPTConfig
+from course_lib.parallel.torch_hybrid import torch_parallelize
+from course_lib.train import TrainConfig, optimizer_groups
 
 MODEL = GPTConfig(n_layer=4, n_head=8, n_embd=256, block_size=64, vocab_size=256, dropout=0.0)
 TINY = GPTConfig(n_layer=4, n_head=4, n_embd=32, block_size=16, vocab_size=64, dropout=0.0)
@@ -180,6 +192,66 @@ def published() -> str:
     return "\n".join(lines)
 
 
+def _timed_step(step) -> tuple[float, float]:
+    """(seconds on the slowest rank, loss) of one step, every rank started after a barrier."""
+    dist.barrier()
+    start = time.perf_counter()
+    loss = step()
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item(), loss
+
+
+def torch_vs_ours_worker(
+    ctx: DistContext, config: GPTConfig, global_batch: int, seq_len: int, steps: int, warmup: int
+) -> dict:
+    """Each rank: ours (Topology(2, 1, 2)) and torch's (DTensor TP + FSDP2) at dp2 x tp2,
+    with and without sequence parallelism, interleaved step by step on the same batches."""
+    torch.set_num_threads(1)
+    cfg, runs = TrainConfig(), {}
+    for sp in (False, True):
+        ours, topology = build_hybrid(config, Choice(2, 1, 2, 1, sequence_parallel=sp),
+                                      global_batch, seq_len)  # fmt: skip
+        torch.manual_seed(0)  # the weights build_hybrid's GPT starts from
+        theirs = torch_parallelize(GPT(config), 2, 2, sequence_parallel=sp, seq_len=seq_len)
+        theirs.build_optimizer(torch.optim.AdamW, optimizer_groups(list(theirs.parameters()), cfg),
+                               lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))  # fmt: skip
+        runs[f"ours{' sp' * sp}"], runs[f"torch{' sp' * sp}"] = ours, theirs
+    rows = global_batch // 2
+    mine = slice(topology.dp_rank * rows, (topology.dp_rank + 1) * rows)  # this replica's rows
+    out = {name: {"times": [], "losses": []} for name in runs}
+    for step in range(warmup + steps):
+        gen = torch.Generator().manual_seed(1000 + step)
+        tokens = torch.randint(0, config.vocab_size, (global_batch, seq_len + 1), generator=gen)
+        x, y = tokens[mine, :-1], tokens[mine, 1:]  # (B / dp, T) each
+        for name, run in runs.items():
+            step_fn = functools.partial(run.step, x, y, lr=1e-3, grad_clip=1.0)
+            seconds, loss = _timed_step(step_fn)
+            out[name]["losses"].append(loss)
+            if step >= warmup:
+                out[name]["times"].append(seconds)
+    return out
+
+
+def torch_vs_ours(steps: int, warmup: int) -> str:
+    """Ours against torch's own 2-D composition at dp2 x tp2 (RAW CPU model and batch)."""
+    result = run_distributed(torch_vs_ours_worker, 4, MODEL, GLOBAL_BATCH, SEQ, steps, warmup,
+                             timeout_s=900)[0]  # fmt: skip
+    head = f"{'dp2 x tp2':<12}| median ms | ours / torch's | max |loss - torch's|"
+    lines = ["OURS vs TORCH'S OWN 2-D (DTensor TP on mesh['tp'] + FSDP2 fully_shard on "
+             "mesh['dp']), raw CPU, same model and batches", head, "-" * len(head)]  # fmt: skip
+    for sp in ("", " sp"):
+        ours, theirs = result[f"ours{sp}"], result[f"torch{sp}"]
+        ms = {k: 1e3 * statistics.median(r["times"]) for k, r in (("o", ours), ("t", theirs))}
+        diff = max(abs(a - b) for a, b in zip(ours["losses"], theirs["losses"], strict=True))
+        lines.append(f"{'ours' + sp:<12}| {ms['o']:>9.0f} | {ms['o'] / ms['t']:>14.2f} |"
+                     f" {diff:.1e}")  # fmt: skip
+        lines.append(f"{'torch' + sp:<12}| {ms['t']:>9.0f} |")
+    lines.append("torch's dp axis is FSDP2 (ZeRO-3: parameters all-gathered per block, gradients "
+                 "reduce-scattered); ours is a plain all-reduce (zero_stage=0)")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="6 grids, 1 measured step")
@@ -209,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                    by_config(MH.compare(raw, stored))),  # fmt: skip
         memory_detail(by_config(MH.compare(raw, cluster))),
         NOTES,
+        torch_vs_ours(steps, warmup),
         time_table(f"SIMULATED compute ({SIM_FLOP_S:.0e} FLOP/s per rank, slept in each "
                    f"action) on a tiny model (d {TINY.n_embd}, seq {TINY.block_size})",
                    by_config(MH.compare(sim, sim_cluster)), None),  # fmt: skip

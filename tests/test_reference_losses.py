@@ -19,6 +19,18 @@ from course_lib.launch import run_distributed
 from course_lib.model import GPTConfig
 from course_lib.train import TrainConfig, train, train_worker
 
+
+def _cpu_vendor() -> str:
+    """``vendor_id`` of /proc/cpuinfo (GenuineIntel, AuthenticAMD, ...); "" if unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 RECORDED = json.loads((Path(__file__).parent / "data" / "reference_losses.json").read_text())
 CONFIG = TrainConfig(
     steps=4, batch_size=12, seq_len=16, warmup_steps=2, eval_interval=2, eval_batches=2
@@ -30,7 +42,12 @@ CHANGED_BY_DESIGN = {"dropout"}
 # Bitwise equality holds on the kind of CPU the values were recorded on: another SIMD
 # level (AVX2 vs AVX512) takes other matmul kernels, which round differently. There the
 # check is fp32-tight instead (and says so), so it still fails on a changed computation.
-SAME_CPU = torch.backends.cpu.get_cpu_capability() == RECORDED["_cpu_capability"]
+# The SIMD level alone does not pin the kernels: an AMD EPYC with AVX512 (2026-12-02)
+# rounds the default model's step 3 otherwise (a 9e-8 relative difference) than the
+# AVX512 machine the values were recorded on, so a CPU vendor other than the recording's
+# takes the fp32-tight check too.
+SAME_CPU = (torch.backends.cpu.get_cpu_capability() == RECORDED["_cpu_capability"]
+            and _cpu_vendor() not in RECORDED["_cpu_vendors_differ"])  # fmt: skip
 SINGLE = [k for k in RECORDED if not k.startswith("_") and not k.endswith("_w2")]
 DISTRIBUTED = [k for k in RECORDED if k.endswith("_w2")]
 

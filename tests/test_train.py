@@ -178,9 +178,11 @@ def test_train_worker_runs_the_named_strategy_on_a_launched_rank(dataset):
     """The CLI's path for launched runs: the same losses as calling train() here."""
     launch = pytest.importorskip("course_lib.launch")
     cfg = TrainConfig(**{**TINY, "steps": 4})
-    here = train(MODEL, cfg, dataset, progress=False)
+    threads = torch.get_num_threads()  # the spawned rank gets as many: matmuls split across
+    here = train(MODEL, cfg, dataset, progress=False)  # another count round otherwise
     kwargs = dict(model_config=MODEL, train_config=cfg, dataset=dataset, progress=False)
     [spawned] = launch.run_distributed(
-        train_mod.train_worker, 1, "single", device="cpu", timeout_s=60, **kwargs
-    )
+        train_mod.train_worker, 1, "single", device="cpu", timeout_s=60,
+        threads_per_rank=threads, **kwargs,
+    )  # fmt: skip
     assert _losses(spawned) == _losses(here)

@@ -155,6 +155,31 @@ def _check_sequence_hook(tp: int, config: GPTConfig) -> Callable[[nn.Module, tup
     return hook
 
 
+def split_on_mesh(model: GPT, mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    """Chapters 6 and 7: the DTensor split of ``model`` on the 1-D ``mesh``, in place.
+
+    The rows of every fused ``c_attn`` are regrouped by head first (:func:`head_permutation`),
+    then :func:`tp_plan` is applied and the tied embedding/head made one Parameter again.
+    Chapter 6 calls it on a mesh of a whole group; chapter 7's yardstick on the "tp"
+    sub-mesh of a 2-D (dp, tp) mesh, which FSDP2 then shards over "dp".
+    """
+    config, tp = model.config, mesh.size()
+    perm = head_permutation(config.n_embd, config.n_head, tp)
+    with torch.no_grad():
+        for block in model.blocks:
+            attn = block.attn
+            attn.c_attn.weight.copy_(attn.c_attn.weight[perm])  # (3C, C) rows regrouped
+            if attn.c_attn.bias is not None:
+                attn.c_attn.bias.copy_(attn.c_attn.bias[perm])
+            attn.n_head = config.n_head // tp
+    parallelize_module(model, mesh, tp_plan(sequence_parallel))
+    if config.tie_weights:  # each style made its own DTensor Parameter: tie them again
+        wte, head = model.wte.weight, model.lm_head.weight
+        if wte.placements != head.placements or wte.shape != head.shape:
+            raise RuntimeError(f"tied weight split two ways: {wte.placements} vs {head.placements}")
+        model.lm_head.weight = wte  # one Parameter, Shard(0): V / tp vocabulary rows per rank
+
+
 def torch_tensor_parallelize(
     model: GPT, group: dist.ProcessGroup | None = None, sequence_parallel: bool = False
 ) -> nn.Module:
@@ -183,20 +208,7 @@ def torch_tensor_parallelize(
     check_torch_tp(config, tp)
     check_same_model(model, group)  # one small all-gather: same config on every rank
     mesh = DeviceMesh.from_group(group, next(model.parameters()).device.type)
-    perm = head_permutation(config.n_embd, config.n_head, tp)
-    with torch.no_grad():
-        for block in model.blocks:
-            attn = block.attn
-            attn.c_attn.weight.copy_(attn.c_attn.weight[perm])  # (3C, C) rows regrouped
-            if attn.c_attn.bias is not None:
-                attn.c_attn.bias.copy_(attn.c_attn.bias[perm])
-            attn.n_head = config.n_head // tp
-    parallelize_module(model, mesh, tp_plan(sequence_parallel))
-    if config.tie_weights:  # each style made its own DTensor Parameter: tie them again
-        wte, head = model.wte.weight, model.lm_head.weight
-        if wte.placements != head.placements or wte.shape != head.shape:
-            raise RuntimeError(f"tied weight split two ways: {wte.placements} vs {head.placements}")
-        model.lm_head.weight = wte  # one Parameter, Shard(0): V / tp vocabulary rows per rank
+    split_on_mesh(model, mesh, sequence_parallel)
     if sequence_parallel:
         model.register_forward_pre_hook(_check_sequence_hook(tp, config))
     return model

@@ -452,19 +452,19 @@ def calibrated_cluster(
     FLOP/s per rank, the optimizer's seconds per parameter and the ring's alpha and beta
     replace :func:`~course_lib.cost.clusters.laptop_cluster`'s stored ones. ``fit`` picks
     the ring fit: ``"pairs"`` (groups of two side by side, as most world-4 configurations'
-    groups run) or ``"world"`` (one ring over all ranks).
+    groups run) or ``"world"`` (one ring over all ranks). A fit whose beta is not
+    positive (too few or too noisy sizes) keeps the stored beta and says so in the link's
+    name.
     """
     if fit not in ("pairs", "world"):
         raise ValueError(f"fit must be 'pairs' or 'world', got {fit!r}")
     ring = constants[fit]
-    if ring["beta"] <= 0:
-        raise ValueError(
-            f"the {fit} ring fit gave beta = {ring['beta']} s/B (no bandwidth term): the "
-            "timings were too noisy; run calibrate() again on a quieter machine"
-        )
     stored = laptop_cluster(world_size)
-    link = Link(f"gloo ring on this machine ({fit} fit)", alpha_s=max(ring["alpha_s"], 0.0),
-                bandwidth_bytes_per_s=1 / ring["beta"],
+    beta, name = ring["beta"], f"gloo ring on this machine ({fit} fit)"
+    if beta <= 0:  # too few or too noisy sizes to resolve a bandwidth term (smoke runs)
+        beta = 1 / stored.intra.bandwidth_bytes_per_s
+        name += f": beta unresolved ({ring['beta']:.1e} s/B), the stored beta used"
+    link = Link(name, alpha_s=max(ring["alpha_s"], 0.0), bandwidth_bytes_per_s=1 / beta,
                 source="measured by measure_hybrid.calibrate in this run")  # fmt: skip
     return dataclasses.replace(
         stored,

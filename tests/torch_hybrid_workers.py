@@ -8,52 +8,22 @@ each run's losses, norms before clipping and gathered final parameters.
 
 import torch
 import torch.distributed as dist
+from compose_workers import CLIP, CONFIG, GLOBAL_BATCH, LR, SGD, STEPS, batch, groups, model
+from compose_workers import reference as compose_reference
 
-from course_lib.model import GPT, GPTConfig, loss_fn
 from course_lib.parallel.compose import parallelize
 from course_lib.parallel.torch_hybrid import torch_parallelize
 from course_lib.topology import Topology
 
-CONFIG = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=8, vocab_size=64, dropout=0.0,
-                   tie_weights=True)  # fmt: skip
-DP, TP = 2, 2
-GLOBAL_BATCH, STEPS, LR, CLIP = 8, 3, 0.5, 0.3  # CLIP below every norm: it binds
-SGD = dict(lr=LR, momentum=0.9)  # linear in the gradients: fp32 rounding stays small
-
-
-def model() -> GPT:
-    torch.manual_seed(0)
-    return GPT(CONFIG)
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(step)
-    tokens = torch.randint(0, CONFIG.vocab_size, (GLOBAL_BATCH, CONFIG.block_size + 1),
-                           generator=gen)  # fmt: skip
-    return tokens[:, :-1], tokens[:, 1:]  # (B, T) each
-
-
-def groups(params) -> list[dict]:
-    """Two optimizer groups, as training uses: weight decay on matrices only."""
-    params = list(params)
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+DP, TP = 2, 2  # the model, batches, optimizer and reference are tests/compose_workers.py's
 
 
 def reference() -> dict:
-    """The single device: losses, norms before clipping, the final parameters."""
-    ref = model()
-    opt = torch.optim.SGD(groups(ref.parameters()), **SGD)
-    losses, norms = [], []
-    for step in range(STEPS):
-        x, y = batch(step)
-        opt.zero_grad()
-        loss = loss_fn(ref(x), y)
-        loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)))
-        opt.step()
-        losses.append(loss.item())
-    return {"losses": losses, "norms": norms, "state": dict(ref.named_parameters())}
+    """The single device (compose_workers'), its final state under the parameters' names
+    (the tied matrix once, as ``wte.weight``, as the gathered runs name it)."""
+    ref = compose_reference()
+    names = {n for n, _ in model().named_parameters()}
+    return {**ref, "state": {n: t for n, t in ref["state"].items() if n in names}}
 
 
 def train(hybrid, dp_rank: int) -> dict:
@@ -93,7 +63,7 @@ def every_run(ctx) -> dict:
     torch.set_num_threads(1)
     ref = reference()
     out = {
-        "reference": {**ref, "state": {n: p.detach().clone() for n, p in ref["state"].items()}},
+        "reference": ref,
         "torch": torch_run(ctx, sp=False),
         "torch_sp": torch_run(ctx, sp=True),
         "ours": ours_run(ctx),

@@ -169,8 +169,12 @@ def torch_parallelize(
         raise ValueError("torch_parallelize needs a process group: call it inside a rank")
     if not isinstance(model, GPT) or any(isinstance(p, DTensor) for p in model.parameters()):
         raise ValueError("torch_parallelize takes a freshly built course_lib.model.GPT")
-    check_torch_hybrid(model.config, dp, tp, dist.get_world_size(), seq_len, sequence_parallel)
-    check_same_model(model, dist.group.WORLD)  # one small all-gather: same config everywhere
+    # torch's init_device_mesh lays its (dp, tp) mesh over the whole world, so the world is
+    # this yardstick's group by construction (Topology(dp, 1, tp)'s ranks, in the same order)
+    world = dist.group.WORLD
+    check_torch_hybrid(model.config, dp, tp, dist.get_world_size(world), seq_len,
+                       sequence_parallel)  # fmt: skip
+    check_same_model(model, world)  # one small all-gather: same config everywhere
     device_type = next(model.parameters()).device.type
     mesh = init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
     split_on_mesh(model, mesh["tp"], sequence_parallel)
